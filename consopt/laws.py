@@ -74,7 +74,7 @@ class Family:
             return (self.units, self.units)
         if self.form == "diag":
             return (self.units,)
-        return (sum(t.width(param_shapes[t.param]) // self.units for t in self.terms),)
+        return (sum(t.width(param_shapes[t.param]) for t in self.terms),)
 
     def num_functions(self, param_shapes: Mapping[str, torch.Size]) -> int:
         """Independent scalar functions (r(r+1)/2 for a symmetric r×r law); 0 if approximate."""
@@ -232,9 +232,8 @@ class LawSet:
     def verify(self, model, inputs, targets, loss_fn: Callable, *, max_functions: int = 2048) -> dict:
         """Worst |cos(∇h, ∇L)| per family, by autograd in float64 on a copy of `model`.
 
-        ∇L is the gradient of `loss_fn(model(*inputs), targets)`; ∇h the gradient of each
-        independent function (upper triangle of matrix laws), restricted to the family's
-        parameters. Families with more than `max_functions` functions are checked on a random
+        ∇L is the gradient of `loss_fn(model(*inputs), targets)` over all parameters; ∇h the
+        gradient of each independent function (upper triangle of matrix laws). Families with more than `max_functions` functions are checked on a random
         subset of that size. A conservation law gives ~1e-16.
         """
         m64 = copy.deepcopy(model).to(torch.float64)
@@ -246,9 +245,10 @@ class LawSet:
         self.check_params(params)
         m64.zero_grad(set_to_none=True)
         loss = loss_fn(m64(*inputs), targets)
-        names = self.param_names
+        names = [n for n, p in params.items() if p.requires_grad]
         grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
         gL = {n: (g if g is not None else torch.zeros_like(params[n])) for n, g in zip(names, grads)}
+        g_norm = torch.sqrt(sum((g * g).sum() for g in gL.values()))
         out = {}
         gen = torch.Generator().manual_seed(0)
         for f in self.families:
@@ -262,8 +262,8 @@ class LawSet:
             sel = torch.arange(h.numel())
             if h.numel() > max_functions:
                 sel = torch.randperm(h.numel(), generator=gen)[:max_functions]
-            g_flat = torch.cat([gL[n].reshape(-1) for n in fp])
-            g_norm = g_flat.norm()
+            g_flat = torch.cat([gL[n].reshape(-1) if n in gL else torch.zeros(params[n].numel(), dtype=h.dtype)
+                                for n in fp])
             worst = 0.0
             for chunk in sel.split(256):
                 eye = torch.zeros(len(chunk), h.numel(), dtype=h.dtype)

@@ -1,0 +1,216 @@
+"""Translation laws and approximate scale laws, by forward propagation of a symbolic shift/scale.
+
+For each producer (Linear, Conv, Embedding, norm affine) we push a symbolic perturbation of its
+output forward through the graph and ask whether every op that sees it either passes it on
+unchanged in kind or absorbs it:
+
+  mode      perturbation of the producer               absorbed by                        law
+  token     W → W + 1vᵀ, b → b + t1 (same shift        LayerNorm over the channels,       Σ_rows W (a vector),
+            for every channel of a token)              softmax, cross-entropy logits      Σ b
+  channel   b_c → b_c + t_c (constant over batch)      BatchNorm (training)               b_c
+  cscale    row c of W̃ scaled by d_c > 0               BatchNorm (training)               ‖W̃_c‖²   (approximate)
+  pscale    the whole producer W̃ scaled by d > 0       LayerNorm / RMSNorm                ‖W̃‖²     (approximate)
+
+The scale laws are exact only with eps = 0 (SPEC §5): they are emitted only with
+approximate=True, flagged, and not counted. Kunin et al., "Neural Mechanics" (ICLR 2021).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .discover import LAYOUT_OPS, _compress, _expand, _module_of, _opname, apply_layout
+from .laws import Family, Term
+
+SHIFT_PASS = {"token": {"clone", "contiguous", "alias", "_to_copy", "to", "lift_fresh_copy", "neg", "avg_pool1d",
+                        "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
+                        "adaptive_avg_pool3d", "identity"},
+              "channel": {"clone", "contiguous", "alias", "_to_copy", "to", "lift_fresh_copy", "neg", "avg_pool1d",
+                          "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
+                          "adaptive_avg_pool3d", "max_pool1d", "max_pool2d", "max_pool3d", "max_pool2d_with_indices",
+                          "identity"}}
+SCALE_PASS = {"clone", "contiguous", "alias", "_to_copy", "to", "lift_fresh_copy", "neg", "relu", "leaky_relu",
+              "max_pool1d", "max_pool2d", "max_pool3d", "max_pool2d_with_indices", "avg_pool1d", "avg_pool2d",
+              "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "identity",
+              "feature_dropout"}
+
+
+def _shape(node):
+    v = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    return tuple(v.shape) if torch.is_tensor(v) else None
+
+
+def _constant_along(t, shape, dims):
+    t = _expand(t, [1] * (len(shape) - t.dim()) + list(t.shape)) if t.dim() < len(shape) else t
+    return all(t.shape[d] == 1 for d in dims)
+
+
+def _full_along(t, shape):
+    return bool((_expand(t, shape) >= 0).all())
+
+
+def _propagate(nodes, start_idx, start_tag, mode, loss):
+    """True iff the perturbation starting at nodes[start_idx] is absorbed wherever it goes."""
+    carry = {nodes[start_idx]: start_tag}
+    scale = mode in ("cscale", "pscale")
+    for node in nodes[start_idx + 1:]:
+        ins = [a for a in node.all_input_nodes if a in carry]
+        if not ins:
+            continue
+        name = _opname(node.target) if node.op == "call_function" else node.op
+        get = lambda a: carry.get(a) if torch.is_tensor(carry.get(a)) else None
+        if node.op == "output":
+            outs = node.args[0] if isinstance(node.args[0], (tuple, list)) else (node.args[0],)
+            if mode != "token" or loss != "cross_entropy" or len(outs) != 1:
+                return False
+            t, shape = get(outs[0]), _shape(outs[0])
+            cdim = 1 if len(shape) >= 2 else 0
+            if t is None or not _full_along(t, shape):
+                return False
+            if not _constant_along(_compress(_expand(t, shape)), shape, [cdim]):
+                return False
+            continue
+        if node.op != "call_function":
+            return False
+        if name == "getitem":
+            src, i = node.args
+            t = carry.get(src)
+            if isinstance(t, tuple) and i < len(t) and t[i] is not None:
+                carry[node] = t[i]
+            continue
+        if name in LAYOUT_OPS:
+            try:
+                out = apply_layout(node, get, _shape)
+            except Exception:  # noqa: BLE001
+                return False
+            if out is not None:
+                carry[node] = out
+            continue
+        shape = _shape(node)
+        if name in ("layer_norm", "native_layer_norm", "rms_norm"):
+            if mode not in ("token", "pscale") or (mode == "token" and name == "rms_norm"):
+                return False
+            if node.args[0] not in carry or len(node.args[1]) != 1:
+                return False
+            t = get(node.args[0])
+            xs = _shape(node.args[0])
+            if not _full_along(t, xs) or not _constant_along(_compress(_expand(t, xs)), xs, [len(xs) - 1]):
+                return False
+            continue  # absorbed
+        if name in ("batch_norm", "native_batch_norm", "_native_batch_norm_legit_functional", "_native_batch_norm_legit"):
+            if mode not in ("channel", "cscale") or node.args[0] not in carry or not bool(node.args[5]):
+                return False
+            t = get(node.args[0])
+            xs = _shape(node.args[0])
+            full = _compress(_expand(t, xs))
+            if not _constant_along(full, xs, [d for d in range(len(xs)) if d != 1]):
+                return False
+            continue  # absorbed per channel
+        if name in ("softmax", "_softmax", "log_softmax", "_log_softmax") and mode == "token":
+            t = get(node.args[0])
+            xs = _shape(node.args[0])
+            d = node.args[1] % len(xs)
+            if not _full_along(t, xs) or not _constant_along(_compress(_expand(t, xs)), xs, [d]):
+                return False
+            continue
+        if name in ("dropout", "native_dropout"):
+            p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
+            train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True)
+            if (train and p > 0) and not scale:
+                return False
+            t = get(node.args[0])
+            carry[node] = (t, None) if name == "native_dropout" else t
+            continue
+        if name in ("add", "sub", "rsub"):
+            a, b = node.args[0], node.args[1]
+            ta = get(a) if isinstance(a, torch.fx.Node) else None
+            tb = get(b) if isinstance(b, torch.fx.Node) else None
+            if ta is not None and tb is not None:
+                if not scale:
+                    return False
+                fa, fb = _expand(ta, shape), _expand(tb, shape)
+                if not torch.equal(fa, fb) or not bool((fa >= 0).all()):
+                    return False
+                carry[node] = _compress(fa)
+                continue
+            if scale:
+                return False  # adding an unscaled value breaks the scaling
+            carry[node] = _compress(_expand(ta if ta is not None else tb, shape))
+            continue
+        if name in ("mul", "div"):
+            a, b = node.args[0], node.args[1]
+            ta = get(a) if isinstance(a, torch.fx.Node) else None
+            tb = get(b) if isinstance(b, torch.fx.Node) else None
+            if ta is not None and tb is not None:
+                return False
+            other = b if ta is not None else a
+            if name == "div" and tb is not None:
+                return False
+            if isinstance(other, torch.fx.Node) and not scale:
+                return False  # a shift times data is no longer a shift
+            carry[node] = _compress(_expand(ta if ta is not None else tb, shape))
+            continue
+        if scale and name in SCALE_PASS or (not scale and name in SHIFT_PASS[mode]):
+            t = get(node.args[0])
+            xs = _shape(node.args[0])
+            val = node.meta.get("val")
+            os_ = tuple((val[0] if isinstance(val, (tuple, list)) else val).shape)
+            if os_ != xs:
+                full = _compress(_expand(t, xs))
+                if any(a != b and full.shape[d] != 1 for d, (a, b) in enumerate(zip(xs, os_))):
+                    return False
+                t = full
+            carry[node] = (t, None) if isinstance(val, (tuple, list)) else t
+            continue
+        if name == "mean" or name == "sum":
+            return False
+        return False
+    return True
+
+
+def shift_laws(walk, ep, *, loss, approximate, param_order):
+    nodes = list(ep.graph_module.graph.nodes)
+    index = {n: i for i, n in enumerate(nodes)}
+    tied = {p for p, users in walk.param_users.items() if len(users) > 1}
+    out = []
+    for pr in walk.producers:
+        node, W, B, n, dim, kind = pr["node"], pr["W"], pr["B"], pr["n"], pr["dim"], pr["kind"]
+        if (W in tied) or (B in tied):
+            continue
+        shape = _shape(node) if _shape(node) is not None else tuple(node.meta["val"][0].shape)
+        view = [1] * len(shape)
+        view[dim] = n
+        per_channel = torch.arange(n, dtype=torch.int64).reshape(view)
+        uniform = torch.zeros([1] * len(shape), dtype=torch.int64)
+        i0 = index[node]
+        start = (lambda t: (t,) + (None,) * (len(node.meta["val"]) - 1)) if isinstance(node.meta.get("val"), (tuple, list)) else (lambda t: t)
+        units = torch.arange(n, dtype=torch.int64)[:, None]
+        whole = torch.arange(n, dtype=torch.int64)[None, :]
+        # token translation: weights vary per token, so only per-token absorbers count.
+        if kind in ("linear", "embedding") and W is not None:
+            if _propagate(nodes, i0, start(uniform), "token", loss):
+                terms = [Term(W, pr["w_axis"], units, +1)] + ([Term(B, 0, units, +1)] if B else [])
+                out.append(Family("", "translation", "vector", 1, terms, note="per-token shift absorbed downstream"))
+        # channel translation of the bias alone.
+        if B is not None and kind in ("linear", "conv", "norm"):
+            if _propagate(nodes, i0, start(per_channel), "channel", loss):
+                out.append(Family("", "translation", "diag", 1, [Term(B, 0, units, +1)],
+                                  note="per-channel bias shift absorbed by batch norm"))
+        if not approximate or kind == "norm":
+            continue
+        if kind in ("linear", "conv") and _propagate(nodes, i0, start(per_channel), "cscale", loss):
+            terms = [Term(W, pr["w_axis"], units, +1)] + ([Term(B, 0, units, +1)] if B else [])
+            out.append(Family("", "scale", "diag", 2, terms, approximate=True,
+                              note="exact only for eps = 0 in the normalization"))
+        elif kind in ("linear", "conv", "embedding") and _propagate(nodes, i0, start(uniform), "pscale", loss):
+            terms = [Term(W, pr["w_axis"], whole, +1)] + ([Term(B, 0, whole, +1)] if B else [])
+            out.append(Family("", "scale", "diag", 2, terms, approximate=True,
+                              note="exact only for eps = 0 in the normalization"))
+    for f in out:
+        mods = []
+        for t in f.terms:
+            m = _module_of(t.param)
+            if m not in mods:
+                mods.append(m)
+        f.modules = tuple(mods)
+    return out
