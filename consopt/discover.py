@@ -87,24 +87,33 @@ class _Channels:
         b = b.reshape(-1)
         keep = (a >= 0) & (b >= 0)
         if keep.any():
-            pairs = torch.unique(torch.stack([a[keep], b[keep]], 1), dim=0).numpy()
-            self.unions.append((pairs[:, 0], pairs[:, 1], parity))
+            a, b = a[keep].numpy(), b[keep].numpy()
+            key = np.unique(a * (self.n + 1) + b)
+            self.unions.append((key // (self.n + 1), key % (self.n + 1), parity))
 
-    def term(self, ids: torch.Tensor, positions: list, param: str, axis: int, sign: int):
-        for i, pos in zip(ids.tolist(), positions):
-            self.terms.append((i, param, axis, sign, tuple(pos)))
+    def term(self, ids, positions, param: str, axis: int, sign: int):
+        """Channel ids[i] owns the slice at `positions` of `param` along `axis`.
+
+        `positions` is (counts, flat) from _group_positions, or None for position i per id i."""
+        ids = ids.numpy() if torch.is_tensor(ids) else np.asarray(ids, dtype=np.int64)
+        if positions is None:
+            counts, flat = np.ones(len(ids), dtype=np.int64), np.arange(len(ids), dtype=np.int64)
+        else:
+            counts, flat = positions
+        if len(ids):
+            self.terms.append((ids, counts, flat, param, axis, sign))
 
 
 def _group_positions(vec: torch.Tensor):
-    """For a 1-D tag vector: (unique ids, [sorted positions of each id]) over tagged entries."""
+    """For a 1-D tag vector: (unique ids, (counts, positions sorted by id then position))."""
     pos = torch.nonzero(vec >= 0).reshape(-1)
     if pos.numel() == 0:
-        return torch.zeros(0, dtype=torch.int64), []
+        return torch.zeros(0, dtype=torch.int64), (np.zeros(0, np.int64), np.zeros(0, np.int64))
     ids = vec[pos]
     order = torch.argsort(ids * (vec.numel() + 1) + pos)
     ids, pos = ids[order], pos[order]
     uniq, counts = torch.unique_consecutive(ids, return_counts=True)
-    return uniq, [p.tolist() for p in torch.split(pos, counts.tolist())]
+    return uniq, (counts.numpy(), pos.numpy())
 
 
 def _compress(t: torch.Tensor) -> torch.Tensor:
@@ -189,7 +198,7 @@ class _Walk:
     def add_producers(self, node, ids, params_axes):
         for p, axis in params_axes:
             if p is not None:
-                self.ch.term(ids, [[i] for i in range(len(ids))], p, axis, +1)
+                self.ch.term(ids, None, p, axis, +1)
 
     # -- main loop --------------------------------------------------------------------------
     def run(self):
@@ -639,6 +648,8 @@ def _mul(w: _Walk, node):
     div = _opname(node.target) == "div"
     shape, fa, fb = _broadcast_tags(w, node, a, b)
     if fa is None and fb is None:
+        if not div:
+            return _param_times_data(w, node, a, b, shape)
         return None
     if fa is not None and fb is not None:
         w.ch.restrict(fa, NONE)
@@ -672,6 +683,26 @@ def _mul(w: _Walk, node):
     w.ch.restrict(t, DIAG)
     w.ch.trait(t, "gate")
     return _compress(t)
+
+
+def _param_times_data(w: _Walk, node, a, b, shape):
+    """γ ⊙ x with x untagged data (an affine norm written out): γ produces new channels."""
+    for p_arg, x_arg in ((a, b), (b, a)):
+        P = w.param(p_arg, node)
+        if P is None or not w.is_tensor_node(x_arg) or w.param(x_arg) is not None:
+            continue
+        pshape = tuple(p_arg.meta["val"].shape)
+        big = [d for d, s in enumerate(pshape) if s > 1]
+        if len(big) != 1:
+            return None
+        axis = big[0]
+        lead = len(shape) - len(pshape)
+        ids, out = w.new_out(pshape[axis], DIAG, shape, lead + axis)
+        w.ch.term(ids, None, P, axis, +1)
+        w.ch.origin[int(ids[0])] = node.name
+        w.producers.append(dict(node=node, W=P, w_axis=axis, B=None, dim=lead + axis, n=pshape[axis], kind="norm"))
+        return out
+    return None
 
 
 # -- contractions ----------------------------------------------------------------------------------
@@ -790,51 +821,53 @@ def _sdpa(w: _Walk, node):
 # ----------------------------------------------------------------------------------------------
 # Resolution: classes -> feature spaces -> families
 # ----------------------------------------------------------------------------------------------
-def _resolve(walk: _Walk, param_order: dict, approximate_unused=None):
-    ch = walk.ch
-    N = ch.n
-    parent = np.arange(N)
-    parity = np.zeros(N, dtype=np.int64)
-    conflict = np.zeros(N, dtype=bool)
+def _roots(n, unions):
+    """Union-find with parity, vectorized: (root, parity-to-root, conflicting roots)."""
+    parent = np.arange(n)
+    parity = np.zeros(n, dtype=np.int64)
+    conflict = set()
 
     def find(x):
-        path = []
+        p = 0
         while parent[x] != x:
-            path.append(x)
+            p ^= parity[x]
             x = parent[x]
-        root, acc = x, 0
-        for y in reversed(path):  # compress, accumulating parity to the root
-            acc ^= parity[y]
-            parity[y] = acc
-            parent[y] = root
-        return root
+        return x, p
 
-    def par(x):
-        find(x)
-        return parity[x] if parent[x] != x else 0
-
-    for a_arr, b_arr, p in ch.unions:
+    for a_arr, b_arr, par in unions:
         for a, b in zip(a_arr.tolist(), b_arr.tolist()):
-            ra, rb = find(a), find(b)
-            pa, pb = par(a), par(b)
+            (ra, pa), (rb, pb) = find(a), find(b)
             if ra == rb:
-                if (pa ^ pb) != p:
-                    conflict[ra] = True
+                if (pa ^ pb) != par:
+                    conflict.add(ra)
                 continue
+            if rb in conflict:
+                conflict.add(ra)
             parent[rb] = ra
-            parity[rb] = pa ^ pb ^ p
-            conflict[ra] |= conflict[rb]
+            parity[rb] = pa ^ pb ^ par
+    # pointer jumping to the roots, accumulating parity
+    while True:
+        gp = parent[parent]
+        if np.array_equal(gp, parent):
+            break
+        parity = parity ^ np.where(parent != gp, parity[parent], 0)
+        parent = gp
+    conflict = {int(find(c)[0]) for c in conflict}
+    return parent, parity, conflict
 
-    roots = np.array([find(i) for i in range(N)], dtype=np.int64) if N else np.zeros(0, dtype=np.int64)
-    pars = np.array([par(i) for i in range(N)], dtype=np.int64) if N else np.zeros(0, dtype=np.int64)
+
+def _resolve(walk: _Walk, param_order: dict):
+    ch = walk.ch
+    N = ch.n
+    if N == 0:
+        return []
+    roots, pars, conflict = _roots(N, ch.unions)
     level = np.array(ch.level, dtype=np.int64)
     for ids, lvl in ch.restricts:
         level[ids] = np.minimum(level[ids], lvl)
     root_level = np.full(N, GL, dtype=np.int64)
-    if N:
-        np.minimum.at(root_level, roots, level)
-    root_level[conflict[roots] if N else []] = NONE if N else None
-    for r in np.nonzero(conflict)[0]:
+    np.minimum.at(root_level, roots, level)
+    for r in conflict:
         root_level[r] = NONE
 
     labels = defaultdict(set)
@@ -844,47 +877,79 @@ def _resolve(walk: _Walk, param_order: dict, approximate_unused=None):
     traits = defaultdict(set)
     for i, ts in ch.traits.items():
         traits[int(roots[i])] |= ts
-    terms = defaultdict(lambda: defaultdict(list))
-    for i, P, axis, sign, pos in ch.terms:
-        r = int(roots[i])
-        s = -sign if pars[i] else sign
-        terms[r][(P, axis, s)].extend(pos)
+
+    # Terms as flat arrays (root, key, position), grouped by sorting.
+    keys, key_id = [], {}
+
+    def kid(k):
+        if k not in key_id:
+            key_id[k] = len(keys)
+            keys.append(k)
+        return key_id[k]
+
+    R, K, POS = [], [], []
+    for ids, counts, flat, P, axis, sign in ch.terms:
+        kk = np.where(pars[ids] == 0, kid((P, axis, sign)), kid((P, axis, -sign)))
+        R.append(np.repeat(roots[ids], counts))
+        K.append(np.repeat(kk, counts))
+        POS.append(flat)
+    if not R:
+        return []
+    R, K, POS = np.concatenate(R), np.concatenate(K), np.concatenate(POS)
+    ok_root = root_level[R] >= DIAG
+    R, K, POS = R[ok_root], K[ok_root], POS[ok_root]
+    order = np.lexsort((POS, K, R))
+    R, K, POS = R[order], K[order], POS[order]
+    if len(R) == 0:
+        return []
+    change = np.r_[True, (R[1:] != R[:-1]) | (K[1:] != K[:-1])]
+    dup = np.r_[False, (POS[1:] == POS[:-1]) & ~change[1:]]
+    bad_roots = set(np.unique(R[dup]).tolist())  # one entry claimed twice by one slice
+    starts = np.nonzero(change)[0]
+    ends = np.r_[starts[1:], len(R)]
     tied = {p for p, users in walk.param_users.items() if len(users) > 1}
+    tied_keys = {key_id[k] for k in keys if k[0] in tied}
+
+    per_root = defaultdict(list)  # root -> [(key, start, end)]
+    for r, k, a, b in zip(R[starts].tolist(), K[starts].tolist(), starts.tolist(), ends.tolist()):
+        per_root[r].append((k, a, b))
 
     blocks = defaultdict(list)
-    for r, tk in terms.items():
-        if root_level[r] < DIAG:
+    for r, groups in per_root.items():
+        if r in bad_roots or any(k in tied_keys for k, _, _ in groups):
             continue
-        if any(k[0] in tied for k in tk):
+        if {keys[k][2] for k, _, _ in groups} != {1, -1}:
             continue
-        signs = {k[2] for k in tk}
-        if signs != {1, -1}:
-            continue
-        if any(len(set(v)) != len(v) for v in tk.values()):
-            continue  # one entry claimed twice by the same slice: not a clean charge
-        sig = (frozenset((k, len(v)) for k, v in tk.items()), frozenset(labels[r]), int(root_level[r]))
+        sig = (tuple(sorted((k, b - a) for k, a, b in groups)), frozenset(labels[r]), int(root_level[r]))
         blocks[sig].append(r)
 
     def key_order(k):
-        P, axis, s = k
+        P, axis, s = keys[k]
         return (-s, param_order.get(P, 1 << 30), axis)
 
     families = []
     for sig, rs in blocks.items():
-        keys = sorted({k for k, _ in sig[0]}, key=key_order)
-        first = keys[0]
-        rs.sort(key=lambda r: min(terms[r][first]))
+        kset = sorted((k for k, _ in sig[0]), key=key_order)
+        where = {r: {k: (a, b) for k, a, b in per_root[r]} for r in rs}
+        first = kset[0]
+        rs.sort(key=lambda r: int(POS[where[r][first][0]]))
         fam_terms = []
-        for k in keys:
-            idx = torch.tensor([sorted(terms[r][k]) for r in rs], dtype=torch.int64)
-            fam_terms.append(Term(k[0], k[1], idx, k[2]))
+        for k in kset:
+            idx = np.stack([POS[where[r][k][0]:where[r][k][1]] for r in rs])
+            P, axis, sgn = keys[k]
+            fam_terms.append(Term(P, axis, torch.from_numpy(idx.astype(np.int64)), sgn))
         lvl = sig[2]
         tr = set().union(*(traits[r] for r in rs))
-        if lvl == GL:
-            kind = "attention_qk" if "qk" in tr else "attention_vo" if "vo" in tr else "stream" if "stream" in tr else "linear"
+        if "qk" in tr:
+            kind = "attention_qk"
+        elif "vo" in tr:
+            kind = "attention_vo"
+        elif lvl < GL and "gate" in tr:
+            kind = "gate"
+        elif "stream" in tr:
+            kind = "stream"
         else:
-            kind = "attention_qk" if "qk" in tr else "attention_vo" if "vo" in tr else "gate" if "gate" in tr \
-                else "stream" if "stream" in tr else "rescale"
+            kind = "linear" if lvl == GL else "rescale"
         modules = []
         for t in fam_terms:
             m = _module_of(t.param)

@@ -182,13 +182,17 @@ def shift_laws(walk, ep, *, loss, approximate, param_order):
         view[dim] = n
         per_channel = torch.arange(n, dtype=torch.int64).reshape(view)
         uniform = torch.zeros([1] * len(shape), dtype=torch.int64)
+        # A per-token shift is the same for every channel of one token, and differs across tokens:
+        # tag each position by its token (its index over the non-channel dims).
+        tshape = [s if d != dim else 1 for d, s in enumerate(shape)]
+        per_token = torch.arange(max(1, int(torch.tensor(tshape).prod())), dtype=torch.int64).reshape(tshape)
         i0 = index[node]
         start = (lambda t: (t,) + (None,) * (len(node.meta["val"]) - 1)) if isinstance(node.meta.get("val"), (tuple, list)) else (lambda t: t)
         units = torch.arange(n, dtype=torch.int64)[:, None]
         whole = torch.arange(n, dtype=torch.int64)[None, :]
         # token translation: weights vary per token, so only per-token absorbers count.
         if kind in ("linear", "embedding") and W is not None:
-            if _propagate(nodes, i0, start(uniform), "token", loss):
+            if _propagate(nodes, i0, start(_compress(per_token)), "token", loss):
                 terms = [Term(W, pr["w_axis"], units, +1)] + ([Term(B, 0, units, +1)] if B else [])
                 out.append(Family("", "translation", "vector", 1, terms, note="per-token shift absorbed downstream"))
         # channel translation of the bias alone.

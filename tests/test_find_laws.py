@@ -1,0 +1,421 @@
+"""find_laws: counts, autograd verification and closed-form values of every law family.
+
+Every discovered law must pass LawSet.verify: |cos(∇h, ∇L)| ≤ 1e-10 in float64 (SPEC §5).
+Reference values are computed here from the parameters by hand, independently of consopt.
+"""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import consopt
+from consopt import models as M
+from consopt.discover import LawDiscoveryError
+
+COS_TOL = 1e-10
+
+
+def mse(out, target):
+    out = out[0] if isinstance(out, tuple) else out
+    return ((out - target) ** 2).mean()
+
+
+def ce(out, target):
+    return F.cross_entropy(out, target)
+
+
+def check(model, inputs, target, loss_fn=mse, loss=None, approximate=False):
+    model.train()
+    laws = consopt.find_laws(model, inputs, loss=loss, approximate=approximate)
+    cos = laws.verify(model, inputs, target, loss_fn)
+    for f in laws:
+        if not f.approximate:
+            assert cos[f.name] <= COS_TOL, f"{f.name}: |cos| = {cos[f.name]:.3e}"
+    return laws, cos
+
+
+def kinds(laws):
+    out = {}
+    for f in laws:
+        out.setdefault(f.kind, []).append(f)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# exact counts (issue 2)
+# ---------------------------------------------------------------------------------------------
+def test_relu_mlp_count_and_values():
+    m = M.MLP([10, 32, 32, 3])
+    x = torch.randn(7, 10)
+    laws, _ = check(m, (x,), torch.randn(7, 3))
+    assert laws.num_functions == 64
+    assert {f.kind for f in laws} == {"rescale"}
+    v = laws.evaluate(m)
+    W1, b1, W2 = m[0].weight.double(), m[0].bias.double(), m[2].weight.double()
+    ref = (W1 ** 2).sum(1) + b1 ** 2 - (W2 ** 2).sum(0)
+    fam = [f for f in laws if "0" in f.modules][0]
+    torch.testing.assert_close(v[fam.name], ref, rtol=1e-14, atol=1e-14)
+
+
+def test_linear_linear_matrix_law():
+    m = nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 3))
+    laws, _ = check(m, (torch.randn(5, 6),), torch.randn(5, 3))
+    assert laws.num_functions == 36
+    (f,) = list(laws)
+    assert f.kind == "linear" and f.form == "matrix"
+    Wt = torch.cat([m[0].weight, m[0].bias[:, None]], 1).double()
+    ref = Wt @ Wt.T - m[1].weight.double().T @ m[1].weight.double()
+    torch.testing.assert_close(laws.evaluate(m)[f.name], ref, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_attention_count_and_values(bias, batch_first):
+    E, H = 8, 2
+    m = nn.MultiheadAttention(E, H, bias=bias, batch_first=batch_first)
+    x = torch.randn(3, 4, E)
+    laws, _ = check(m, (x, x, x), torch.randn(3, 4, E))
+    assert laws.num_functions == 40
+    kd = kinds(laws)
+    assert len(kd["attention_qk"]) == 2 and len(kd["attention_vo"]) == 2
+    dh = E // H
+    W = m.in_proj_weight.double()
+    if bias:
+        W = torch.cat([W, m.in_proj_bias.double()[:, None]], 1)
+    Wo = m.out_proj.weight.double()
+    v = laws.evaluate(m)
+    for h in range(H):
+        q, k, vv = W[h * dh:(h + 1) * dh], W[E + h * dh:E + (h + 1) * dh], W[2 * E + h * dh:2 * E + (h + 1) * dh]
+        o = Wo[:, h * dh:(h + 1) * dh]
+        qk = [f for f in kd["attention_qk"] if f.name.endswith(f".h{h}")][0]
+        vo = [f for f in kd["attention_vo"] if f.name.endswith(f".h{h}")][0]
+        torch.testing.assert_close(v[qk.name], q @ q.T - k @ k.T, rtol=1e-13, atol=1e-13)
+        torch.testing.assert_close(v[vo.name], vv @ vv.T - o.T @ o, rtol=1e-13, atol=1e-13)
+
+
+def test_conv_relu_conv_count():
+    m = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 4, 3))
+    laws, _ = check(m, (torch.randn(2, 3, 9, 9),), torch.randn(2, 4, 5, 5))
+    assert laws.num_functions == 16
+    (f,) = list(laws)
+    ref = (m[0].weight.double() ** 2).sum((1, 2, 3)) + m[0].bias.double() ** 2 \
+        - (m[2].weight.double() ** 2).sum((0, 2, 3))
+    torch.testing.assert_close(laws.evaluate(m)[f.name], ref, rtol=1e-13, atol=1e-13)
+
+
+def test_conv_conv_gram_law():
+    m = nn.Sequential(nn.Conv2d(2, 5, 3), nn.Conv2d(5, 3, 1))
+    laws, _ = check(m, (torch.randn(2, 2, 7, 7),), torch.randn(2, 3, 5, 5))
+    (f,) = list(laws)
+    assert f.kind == "linear" and laws.num_functions == 15
+    W1 = torch.cat([m[0].weight.reshape(5, -1), m[0].bias[:, None]], 1).double()
+    W2 = m[1].weight.double().transpose(0, 1).reshape(5, -1)
+    torch.testing.assert_close(laws.evaluate(m)[f.name], W1 @ W1.T - W2 @ W2.T, rtol=1e-13, atol=1e-13)
+
+
+def test_residual_stream_law():
+    m = M.ResidualMLP(4, 5, 7, 3, blocks=2)
+    laws, _ = check(m, (torch.randn(6, 4),), torch.randn(6, 3))
+    kd = kinds(laws)
+    (stream,) = kd["stream"]
+    assert stream.form == "matrix" and stream.units == 5
+    assert stream.num_functions(laws.param_shapes) == 15
+    assert len(kd["rescale"]) == 2 and all(f.units == 7 for f in kd["rescale"])
+    assert laws.num_functions == 15 + 14
+    tilde = lambda lin: torch.cat([lin.weight, lin.bias[:, None]], 1).double()
+    ref = tilde(m.stem) @ tilde(m.stem).T + sum(tilde(u) @ tilde(u).T for u in m.U) \
+        - sum(v.weight.double().T @ v.weight.double() for v in m.V) - m.head.weight.double().T @ m.head.weight.double()
+    torch.testing.assert_close(laws.evaluate(m)[stream.name], ref, rtol=1e-13, atol=1e-13)
+
+
+def test_residual_stream_diagonal_under_relu():
+    m = M.ResidualMLP(4, 5, 7, 3, blocks=2, stream_relu=True)
+    laws, _ = check(m, (torch.randn(6, 4),), torch.randn(6, 3))
+    (stream,) = kinds(laws)["stream"]
+    assert stream.form == "diag" and stream.units == 5
+
+
+# ---------------------------------------------------------------------------------------------
+# every family on at least two architectures
+# ---------------------------------------------------------------------------------------------
+def test_resnet_basic_block_with_batchnorm():
+    m = M.resnet_small(in_channels=1, bn=True, width=4)
+    x = torch.randn(4, 1, 8, 8)
+    laws, _ = check(m, (x,), torch.randint(0, 10, (4,)), ce, loss="cross_entropy", approximate=True)
+    kd = kinds(laws)
+    # BN1 affine -> conv2 rescale inside each block; stream laws over stem BN + last BN of blocks.
+    assert {f.name for f in kd["rescale"]} >= {"rescale:layer1.0.bn1", "rescale:layer2.0.bn1"}
+    stream = {f.name: f for f in kd["stream"]}
+    assert "stream:bn1" in stream and stream["stream:bn1"].form == "diag"
+    assert set(stream["stream:bn1"].modules) >= {"bn1", "layer1.0.bn2", "layer1.0.conv1", "layer2.0.conv1"}
+    assert any(f.name == "translation:fc" for f in kd["translation"])  # cross-entropy logits
+    assert all(f.approximate for f in kd["scale"]) and len(kd["scale"]) >= 3
+    n_approx = sum(f.num_functions(laws.param_shapes) for f in kd["scale"])
+    assert n_approx == 0
+
+
+def test_resnet_without_batchnorm_stream_and_conv_rescale():
+    m = M.resnet_small(in_channels=1, bn=False, width=4)
+    laws, _ = check(m, (torch.randn(3, 1, 8, 8),), torch.randint(0, 10, (3,)), ce)
+    kd = kinds(laws)
+    assert len(kd["stream"]) == 2 and len(kd["rescale"]) == 2
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_transformer_encoder_layer(norm_first):
+    m = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.1, activation="relu", batch_first=True,
+                                   norm_first=norm_first)
+    laws, _ = check(m, (torch.randn(2, 5, 8),), torch.randn(2, 5, 8))
+    kd = kinds(laws)
+    assert len(kd["attention_qk"]) == 2 and len(kd["attention_vo"]) == 2
+    assert any(f.name == "rescale:linear1" for f in kd["rescale"])
+    # pre-norm: the norms' affine parameters feed Linear layers directly (norm affine -> consumer)
+    assert any(f.name == "rescale:norm1" for f in kd["rescale"]) == norm_first
+    assert "stream" not in kd  # LayerNorm on the stream: no stream law
+
+
+def test_transformer_post_norm_translation_laws():
+    m = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, activation="relu", batch_first=True)
+    laws, _ = check(m, (torch.randn(2, 5, 8),), torch.randn(2, 5, 8))
+    names = {f.name for f in kinds(laws)["translation"]}
+    assert names == {"translation:linear2", "translation:self_attn.out_proj"}
+    f = laws["translation:linear2"]
+    ref = torch.cat([m.linear2.weight.double().sum(0), m.linear2.bias.double().sum()[None]])
+    torch.testing.assert_close(laws.evaluate(m)[f.name], ref, rtol=1e-14, atol=1e-14)
+
+
+def test_transformer_dropout_breaks_translation():
+    m = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.1, activation="relu", batch_first=True)
+    laws = consopt.find_laws(m, (torch.randn(2, 5, 8),))
+    assert "translation" not in {f.kind for f in laws}
+
+
+@pytest.mark.parametrize("native_norm", [True, False])
+def test_llama_block(native_norm):
+    m = M.LlamaBlock(d=16, n_heads=4, n_kv_heads=2, hidden=12, native_norm=native_norm)
+    laws, _ = check(m, (torch.randn(2, 5, 16),), torch.randn(2, 5, 16))
+    kd = kinds(laws)
+    assert len(kd["attention_qk"]) == 2 and len(kd["attention_vo"]) == 2  # one per key/value head
+    assert [f.units for f in kd["gate"]] == [12]
+    assert {f.name for f in kd["rescale"]} == {"rescale:attn_norm", "rescale:mlp_norm"}
+    # grouped-query: QK of key head g is Σ over its query heads minus the key head's Gram.
+    dh, g = 4, 1
+    f = [f for f in kd["attention_qk"] if f.name.endswith(".h1")][0]
+    Wq, Wk = m.wq.weight.double(), m.wk.weight.double()
+    ref = sum(Wq[h * dh:(h + 1) * dh] @ Wq[h * dh:(h + 1) * dh].T for h in (2, 3)) \
+        - Wk[g * dh:(g + 1) * dh] @ Wk[g * dh:(g + 1) * dh].T
+    torch.testing.assert_close(laws.evaluate(m)[f.name], ref, rtol=1e-13, atol=1e-13)
+    fv = [f for f in kd["attention_vo"] if f.name.endswith(".h1")][0]
+    Wv, Wo = m.wv.weight.double(), m.wo.weight.double()
+    ref = Wv[dh:2 * dh] @ Wv[dh:2 * dh].T - sum(Wo[:, h * dh:(h + 1) * dh].T @ Wo[:, h * dh:(h + 1) * dh] for h in (2, 3))
+    torch.testing.assert_close(laws.evaluate(m)[fv.name], ref, rtol=1e-13, atol=1e-13)
+    # gate law: ‖W_up[j]‖² − ‖W_down[:, j]‖²
+    ref = (m.w_up.weight.double() ** 2).sum(1) - (m.w_down.weight.double() ** 2).sum(0)
+    torch.testing.assert_close(laws.evaluate(m)[kd["gate"][0].name], ref, rtol=1e-13, atol=1e-13)
+
+
+class ExplicitAttention(nn.Module):
+    """Separate q/k/v/o Linear modules, explicit matmul-softmax, optional manual GQA."""
+
+    def __init__(self, d=12, heads=3, kv_heads=3, bias=True):
+        super().__init__()
+        self.h, self.kv, self.dh = heads, kv_heads, d // heads
+        self.q = nn.Linear(d, heads * self.dh, bias=bias)
+        self.k = nn.Linear(d, kv_heads * self.dh, bias=bias)
+        self.v = nn.Linear(d, kv_heads * self.dh, bias=bias)
+        self.o = nn.Linear(heads * self.dh, d, bias=bias)
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        q = self.q(x).view(B, T, self.h, self.dh).transpose(1, 2)
+        k = self.k(x).view(B, T, self.kv, self.dh).transpose(1, 2)
+        v = self.v(x).view(B, T, self.kv, self.dh).transpose(1, 2)
+        if self.kv != self.h:
+            k = k.repeat_interleave(self.h // self.kv, dim=1)
+            v = v.repeat_interleave(self.h // self.kv, dim=1)
+        a = torch.softmax(q @ k.transpose(-2, -1) / self.dh ** 0.5, dim=-1)
+        return self.o((a @ v).transpose(1, 2).reshape(B, T, -1))
+
+
+@pytest.mark.parametrize("kv_heads", [3, 1])
+def test_explicit_attention_and_manual_gqa(kv_heads):
+    m = ExplicitAttention(12, 3, kv_heads)
+    laws, _ = check(m, (torch.randn(2, 4, 12),), torch.randn(2, 4, 12))
+    kd = kinds(laws)
+    assert len(kd["attention_qk"]) == kv_heads and len(kd["attention_vo"]) == kv_heads
+    assert all(f.units == 4 for f in kd["attention_qk"])
+    assert laws.num_functions == 2 * kv_heads * 10
+
+
+class GeGLU(nn.Module):
+    def __init__(self, d=6, h=10):
+        super().__init__()
+        self.gate, self.up, self.down = nn.Linear(d, h), nn.Linear(d, h), nn.Linear(h, d)
+
+    def forward(self, x):
+        return self.down(F.gelu(self.gate(x)) * self.up(x))
+
+
+def test_geglu_gate_law_includes_up_bias():
+    m = GeGLU()
+    laws, _ = check(m, (torch.randn(5, 6),), torch.randn(5, 6))
+    (f,) = kinds(laws)["gate"]
+    ref = (m.up.weight.double() ** 2).sum(1) + m.up.bias.double() ** 2 - (m.down.weight.double() ** 2).sum(0)
+    torch.testing.assert_close(laws.evaluate(m)[f.name], ref, rtol=1e-13, atol=1e-13)
+
+
+def test_conv_relu_maxpool_flatten_linear():
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 3 * 3, 5))
+    laws, _ = check(m, (torch.randn(2, 3, 8, 8),), torch.randn(2, 5))
+    (f,) = list(laws)
+    W2 = m[4].weight.double().view(5, 4, 9)
+    ref = (m[0].weight.double() ** 2).sum((1, 2, 3)) + m[0].bias.double() ** 2 - (W2 ** 2).sum((0, 2))
+    torch.testing.assert_close(laws.evaluate(m)[f.name], ref, rtol=1e-13, atol=1e-13)
+
+
+def test_batchnorm_bias_translation_and_affine_rescale():
+    m = nn.Sequential(nn.Conv2d(3, 5, 3), nn.BatchNorm2d(5), nn.ReLU(), nn.Flatten(), nn.Linear(5 * 4 * 4, 4))
+    laws, _ = check(m, (torch.randn(4, 3, 6, 6),), torch.randint(0, 4, (4,)), ce, loss="cross_entropy",
+                    approximate=True)
+    assert laws["translation:0"].form == "diag"  # conv bias before BN: b_c itself
+    torch.testing.assert_close(laws.evaluate(m)["translation:0"], m[0].bias.double())
+    assert laws["rescale:1"].kind == "rescale"  # BN affine -> Linear columns
+    assert laws["scale:0"].approximate and laws["translation:4"].form == "vector"
+
+
+def test_layernorm_affine_feeds_mlp():
+    m = nn.Sequential(nn.Linear(5, 6), nn.LayerNorm(6), nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 2))
+    laws, _ = check(m, (torch.randn(3, 5),), torch.randn(3, 2), approximate=True)
+    names = {f.name for f in laws}
+    assert {"rescale:1", "rescale:2", "translation:0", "scale:0"} <= names
+    assert laws["scale:0"].approximate and laws["scale:0"].units == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# negative cases
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("act", [nn.GELU, nn.SiLU, nn.Tanh])
+def test_non_homogeneous_activations_have_no_rescale_law(act):
+    m = M.MLP([4, 6, 3], activation=act)
+    laws = consopt.find_laws(m, (torch.randn(2, 4),))
+    assert laws.num_functions == 0
+
+
+def test_layernorm_on_stream_kills_stream_law():
+    class M2(M.ResidualMLP):
+        def __init__(self):
+            super().__init__(4, 5, 7, 3)
+            self.ln = nn.LayerNorm(5)
+
+        def forward(self, x):
+            x = self.stem(x)
+            for V, U in zip(self.V, self.U):
+                x = x + U(torch.relu(V(x)))
+            return self.head(self.ln(x))
+
+    m = M2()
+    laws, _ = check(m, (torch.randn(4, 4),), torch.randn(4, 3))
+    assert "stream" not in {f.kind for f in laws}
+    assert sum(f.kind == "rescale" for f in laws) == 3  # two blocks + LN affine -> head
+
+
+@torch.library.custom_op("consopt_test::mystery", mutates_args=())
+def _mystery(x: torch.Tensor) -> torch.Tensor:
+    return x * 2.0 + 1.0
+
+
+@_mystery.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def test_unknown_custom_op_stops_only_its_spaces():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(4, 6), nn.Linear(6, 5), nn.Linear(5, 2)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            g = _mystery(torch.relu(self.b(h)))
+            return self.c(g)
+
+    m = Net()
+    laws = consopt.find_laws(m, (torch.randn(3, 4),))
+    assert [f.name for f in laws] == ["rescale:a"]
+    assert any("mystery" in n for n in laws.notes)
+
+
+def test_tied_weights_drop_their_laws():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(9, 4)
+            self.mid = nn.Linear(4, 4)
+
+        def forward(self, t):
+            return F.linear(torch.relu(self.mid(self.emb(t))), self.emb.weight)
+
+    laws = consopt.find_laws(Tied(), (torch.randint(0, 9, (2, 3)),))
+    assert all("emb.weight" not in f.params() for f in laws)
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input
+# ---------------------------------------------------------------------------------------------
+def test_eval_mode_batchnorm_is_an_error():
+    m = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU()).eval()
+    with pytest.raises(LawDiscoveryError, match="eval mode"):
+        consopt.find_laws(m, (torch.randn(2, 1, 5, 5),))
+
+
+def test_untraceable_model_names_the_problem():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(3, 3)
+
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow
+                return self.l(x)
+            return -self.l(x)
+
+    with pytest.raises(LawDiscoveryError, match="could not trace Branchy.*control flow"):
+        consopt.find_laws(Branchy(), (torch.randn(2, 3),))
+
+
+def test_wrong_input_shape():
+    with pytest.raises(LawDiscoveryError, match=r"does not run on example_inputs of shapes \[\(2, 7\)\]"):
+        consopt.find_laws(M.MLP([4, 5, 2]), (torch.randn(2, 7),))
+
+
+def test_non_module_and_bad_arguments():
+    with pytest.raises(TypeError, match="nn.Module"):
+        consopt.find_laws(lambda x: x, (torch.randn(2),))
+    with pytest.raises(ValueError, match="loss"):
+        consopt.find_laws(M.MLP([2, 3, 1]), (torch.randn(2, 2),), loss="hinge")
+    with pytest.raises(TypeError, match="tuple"):
+        consopt.find_laws(M.MLP([2, 3, 1]), {"x": torch.randn(2, 2)})
+
+
+def test_single_tensor_input_and_one_unit_layer():
+    m = M.MLP([3, 1, 2])
+    laws, _ = check(m, torch.randn(4, 3), torch.randn(4, 2))
+    assert laws.num_functions == 1
+
+
+def test_lawset_evaluates_on_copies_and_rejects_other_shapes():
+    import copy
+
+    m = M.MLP([4, 5, 2])
+    laws = consopt.find_laws(m, (torch.randn(2, 4),))
+    a = laws.evaluate(m)
+    b = laws.evaluate(copy.deepcopy(m).double())
+    for k in a:
+        assert torch.equal(a[k], b[k])
+    with pytest.raises(ValueError, match="0.weight"):
+        laws.evaluate(M.MLP([4, 6, 2]))
+    with pytest.raises(KeyError, match="0.weight"):
+        laws.evaluate(nn.Sequential())
+    assert "rescale:0" in laws.summary()
