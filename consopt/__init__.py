@@ -12,7 +12,7 @@ _check_triton_kernels()
 
 __version__ = "0.1.0"
 
-__all__ = ["Family", "LawSet", "Term", "find_laws", "SGD", "__version__"]
+__all__ = ["Family", "LawSet", "Term", "find_laws", "count_laws", "SGD", "__version__"]
 
 
 def __getattr__(name):
@@ -21,6 +21,10 @@ def __getattr__(name):
         from .discover import find_laws
 
         return find_laws
+    if name == "count_laws":
+        from .lie import count_laws
+
+        return count_laws
     if name == "SGD":
         from .sgd import SGD
 

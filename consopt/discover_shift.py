@@ -49,14 +49,40 @@ def _full_along(t, shape):
     return bool((_expand(t, shape) >= 0).all())
 
 
+GROUP_BASE = 1 << 40  # tag ids at or above this stand for a set of channel symbols (after a contraction)
+
+
 def _propagate(nodes, start_idx, start_tag, mode, loss):
-    """True iff the perturbation starting at nodes[start_idx] is absorbed wherever it goes."""
+    """Which symbols of the perturbation starting at nodes[start_idx] are absorbed wherever they go.
+
+    Returns the set of broken symbols, or None if none broke. Uniform modes ("token", "pscale")
+    stop at the first break and return {"all"}."""
     carry = {nodes[start_idx]: start_tag}
-    scale = mode in ("cscale", "pscale")
+    groups = {}
+    broken = set()
+    per_channel = mode in ("channel", "cscale")
     for node in nodes[start_idx + 1:]:
         ins = [a for a in node.all_input_nodes if a in carry]
         if not ins:
             continue
+        if _node(node, carry, groups, mode, loss, broken):
+            continue
+        if not per_channel:
+            return {"all"}
+        for a in ins:  # every symbol that reached this op is lost
+            ts = carry[a] if isinstance(carry[a], tuple) else (carry[a],)
+            for t in ts:
+                if torch.is_tensor(t):
+                    for v in torch.unique(t[t >= 0]).tolist():
+                        broken |= groups.get(v, {v})
+        carry.pop(node, None)
+    return broken or None
+
+
+def _node(node, carry, groups, mode, loss, broken):
+    """Apply one op to the carried perturbation; False if the op breaks it (then nothing is carried)."""
+    scale = mode in ("cscale", "pscale")
+    if True:
         name = _opname(node.target) if node.op == "call_function" else node.op
         get = lambda a: carry.get(a) if torch.is_tensor(carry.get(a)) else None
         if node.op == "output":
@@ -69,7 +95,7 @@ def _propagate(nodes, start_idx, start_tag, mode, loss):
                 return False
             if not _constant_along(_compress(_expand(t, shape)), shape, [cdim]):
                 return False
-            continue
+            return True
         if node.op != "call_function":
             return False
         if name == "getitem":
@@ -77,7 +103,7 @@ def _propagate(nodes, start_idx, start_tag, mode, loss):
             t = carry.get(src)
             if isinstance(t, tuple) and i < len(t) and t[i] is not None:
                 carry[node] = t[i]
-            continue
+            return True
         if name in LAYOUT_OPS:
             try:
                 out = apply_layout(node, get, _shape)
@@ -85,7 +111,7 @@ def _propagate(nodes, start_idx, start_tag, mode, loss):
                 return False
             if out is not None:
                 carry[node] = out
-            continue
+            return True
         shape = _shape(node)
         if name in ("layer_norm", "native_layer_norm", "rms_norm"):
             if mode not in ("token", "pscale") or (mode == "token" and name == "rms_norm"):
@@ -96,7 +122,7 @@ def _propagate(nodes, start_idx, start_tag, mode, loss):
             xs = _shape(node.args[0])
             if not _full_along(t, xs) or not _constant_along(_compress(_expand(t, xs)), xs, [len(xs) - 1]):
                 return False
-            continue  # absorbed
+            return True  # absorbed
         if name in ("batch_norm", "native_batch_norm", "_native_batch_norm_legit_functional", "_native_batch_norm_legit"):
             if mode not in ("channel", "cscale") or node.args[0] not in carry or not bool(node.args[5]):
                 return False
@@ -105,14 +131,14 @@ def _propagate(nodes, start_idx, start_tag, mode, loss):
             full = _compress(_expand(t, xs))
             if not _constant_along(full, xs, [d for d in range(len(xs)) if d != 1]):
                 return False
-            continue  # absorbed per channel
+            return True  # absorbed per channel
         if name in ("softmax", "_softmax", "log_softmax", "_log_softmax") and mode == "token":
             t = get(node.args[0])
             xs = _shape(node.args[0])
             d = node.args[1] % len(xs)
             if not _full_along(t, xs) or not _constant_along(_compress(_expand(t, xs)), xs, [d]):
                 return False
-            continue
+            return True
         if name in ("dropout", "native_dropout"):
             p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
             train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True)
@@ -120,7 +146,7 @@ def _propagate(nodes, start_idx, start_tag, mode, loss):
                 return False
             t = get(node.args[0])
             carry[node] = (t, None) if name == "native_dropout" else t
-            continue
+            return True
         if name in ("add", "sub", "rsub"):
             a, b = node.args[0], node.args[1]
             ta = get(a) if isinstance(a, torch.fx.Node) else None
@@ -132,11 +158,11 @@ def _propagate(nodes, start_idx, start_tag, mode, loss):
                 if not torch.equal(fa, fb) or not bool((fa >= 0).all()):
                     return False
                 carry[node] = _compress(fa)
-                continue
+                return True
             if scale:
                 return False  # adding an unscaled value breaks the scaling
             carry[node] = _compress(_expand(ta if ta is not None else tb, shape))
-            continue
+            return True
         if name in ("mul", "div"):
             a, b = node.args[0], node.args[1]
             ta = get(a) if isinstance(a, torch.fx.Node) else None
@@ -149,7 +175,47 @@ def _propagate(nodes, start_idx, start_tag, mode, loss):
             if isinstance(other, torch.fx.Node) and not scale:
                 return False  # a shift times data is no longer a shift
             carry[node] = _compress(_expand(ta if ta is not None else tb, shape))
-            continue
+            return True
+        if name in ("bmm", "matmul") and mode == "channel":
+            # q @ (k + δ)ᵀ: a per-channel shift of the contracted side, constant along the keys,
+            # adds a per-query constant to every key's logit (absorbed by a softmax over the keys).
+            a, b = node.args[0], node.args[1]
+            if b not in carry:
+                return False
+            if a in carry:  # the query side's symbols are lost; the key side's shift still passes
+                ta = get(a)
+                for v in torch.unique(ta[ta >= 0]).tolist():
+                    broken |= groups.get(v, {v})
+            tb, bs = get(b), _shape(b)
+            tb = _compress(_expand(tb, bs))
+            if tb.shape[-1] != 1 or not bool((_expand(tb, bs) >= 0).all()):
+                return False
+            members = {int(v) for v in torch.unique(tb).tolist()}
+            members = set().union(*(groups.get(v, {v}) for v in members))
+            out_shape = _shape(node)
+            base = GROUP_BASE + len(groups) * 1_000_003
+            rows = torch.arange(out_shape[-2], dtype=torch.int64)
+            for r in rows.tolist():
+                groups[base + r] = members
+            carry[node] = (base + rows).reshape([1] * (len(out_shape) - 2) + [out_shape[-2], 1])
+            return True
+        if name == "scaled_dot_product_attention" and mode == "channel":
+            q, k, v = node.args[:3]
+            if k not in carry:
+                return False
+            for side in (q, v):  # their symbols are lost; the key side's shift is absorbed
+                if side in carry:
+                    ts = get(side)
+                    for sym in torch.unique(ts[ts >= 0]).tolist():
+                        broken |= groups.get(sym, {sym})
+            tk, ks = get(k), _shape(k)
+            ck = _compress(_expand(tk, ks))
+            return ck.shape[-2] == 1 and bool((_expand(tk, ks) >= 0).all())  # absorbed by the softmax
+        if name in ("softmax", "_softmax", "log_softmax", "_log_softmax") and mode == "channel":
+            t = get(node.args[0])
+            xs = _shape(node.args[0])
+            d = node.args[1] % len(xs)
+            return bool(_full_along(t, xs)) and _constant_along(_compress(_expand(t, xs)), xs, [d])
         if scale and name in SCALE_PASS or (not scale and name in SHIFT_PASS[mode]):
             t = get(node.args[0])
             xs = _shape(node.args[0])
@@ -161,7 +227,7 @@ def _propagate(nodes, start_idx, start_tag, mode, loss):
                     return False
                 t = full
             carry[node] = (t, None) if isinstance(val, (tuple, list)) else t
-            continue
+            return True
         if name == "mean" or name == "sum":
             return False
         return False
@@ -192,21 +258,23 @@ def shift_laws(walk, ep, *, loss, approximate, param_order):
         whole = torch.arange(n, dtype=torch.int64)[None, :]
         # token translation: weights vary per token, so only per-token absorbers count.
         if kind in ("linear", "embedding") and W is not None:
-            if _propagate(nodes, i0, start(_compress(per_token)), "token", loss):
+            if _propagate(nodes, i0, start(_compress(per_token)), "token", loss) is None:
                 terms = [Term(W, pr["w_axis"], units, +1)] + ([Term(B, 0, units, +1)] if B else [])
                 out.append(Family("", "translation", "vector", 1, terms, note="per-token shift absorbed downstream"))
         # channel translation of the bias alone.
         if B is not None and kind in ("linear", "conv", "norm"):
-            if _propagate(nodes, i0, start(per_channel), "channel", loss):
-                out.append(Family("", "translation", "diag", 1, [Term(B, 0, units, +1)],
-                                  note="per-channel bias shift absorbed by batch norm"))
+            broken = _propagate(nodes, i0, start(per_channel), "channel", loss)
+            keep = [c for c in range(n) if broken is None or c not in broken]
+            if keep:
+                out.append(Family("", "translation", "diag", 1, [Term(B, 0, torch.tensor(keep)[:, None], +1)],
+                                  note="per-channel bias shift absorbed downstream (batch norm, softmax over keys)"))
         if not approximate or kind == "norm":
             continue
-        if kind in ("linear", "conv") and _propagate(nodes, i0, start(per_channel), "cscale", loss):
+        if kind in ("linear", "conv") and _propagate(nodes, i0, start(per_channel), "cscale", loss) is None:
             terms = [Term(W, pr["w_axis"], units, +1)] + ([Term(B, 0, units, +1)] if B else [])
             out.append(Family("", "scale", "diag", 2, terms, approximate=True,
                               note="exact only for eps = 0 in the normalization"))
-        elif kind in ("linear", "conv", "embedding") and _propagate(nodes, i0, start(uniform), "pscale", loss):
+        elif kind in ("linear", "conv", "embedding") and _propagate(nodes, i0, start(uniform), "pscale", loss) is None:
             terms = [Term(W, pr["w_axis"], whole, +1)] + ([Term(B, 0, whole, +1)] if B else [])
             out.append(Family("", "scale", "diag", 2, terms, approximate=True,
                               note="exact only for eps = 0 in the normalization"))

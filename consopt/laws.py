@@ -81,7 +81,11 @@ class Family:
         if self.approximate:
             return 0
         if self.form == "matrix":
-            return self.units * (self.units + 1) // 2
+            # h = Σ ± M_t M_tᵀ with M = [M_1 | … ] of K columns: when r > K the symmetric r×r
+            # matrix has rank ≤ K and only r·K − K(K−1)/2 of its entries are independent.
+            r = self.units
+            k = sum(t.width(param_shapes[t.param]) for t in self.terms)
+            return r * (r + 1) // 2 if r <= k else r * k - k * (k - 1) // 2
         return self.shape(param_shapes)[0]
 
     def params(self) -> list:
@@ -227,6 +231,12 @@ class LawSet:
         for n in self.notes:
             lines.append(f"note: {n}")
         return "\n".join(lines)
+
+    def certify(self, model, example_inputs, *, loss=None, **count_kw):
+        """Compare num_functions with the numeric count of `consopt.lie.count_laws` (issue 7)."""
+        from .lie import certify
+
+        return certify(self, model, example_inputs, loss=loss, **count_kw)
 
     # -- autograd check -----------------------------------------------------------------
     def verify(self, model, inputs, targets, loss_fn: Callable, *, max_functions: int = 2048) -> dict:

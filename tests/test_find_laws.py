@@ -76,8 +76,14 @@ def test_multihead_attention_count_and_values(bias, batch_first):
     m = nn.MultiheadAttention(E, H, bias=bias, batch_first=batch_first)
     x = torch.randn(3, 4, E)
     laws, _ = check(m, (x, x, x), torch.randn(3, 4, E))
-    assert laws.num_functions == 40
+    # 2 heads × (QK + VO) × 4·5/2; with bias also the key bias b_k, which never gets a gradient
+    # (softmax over the keys ignores a shift common to all keys).
+    assert laws.num_functions == 40 + (E if bias else 0)
     kd = kinds(laws)
+    if bias:
+        (kb,) = kd["translation"]
+        assert kb.terms[0].param == "in_proj_bias" and kb.terms[0].index.reshape(-1).tolist() == list(range(E, 2 * E))
+        torch.testing.assert_close(laws.evaluate(m)[kb.name], m.in_proj_bias.double()[E:2 * E])
     assert len(kd["attention_qk"]) == 2 and len(kd["attention_vo"]) == 2
     dh = E // H
     W = m.in_proj_weight.double()
@@ -102,6 +108,13 @@ def test_conv_relu_conv_count():
     ref = (m[0].weight.double() ** 2).sum((1, 2, 3)) + m[0].bias.double() ** 2 \
         - (m[2].weight.double() ** 2).sum((0, 2, 3))
     torch.testing.assert_close(laws.evaluate(m)[f.name], ref, rtol=1e-13, atol=1e-13)
+
+
+def test_wide_hidden_linear_law_counts_only_independent_entries():
+    # W1W1ᵀ − W2ᵀW2 (5×5) has rank ≤ 2 + 2 when there is no bias: only 5·4 − 4·3/2 = 14 entries are free
+    m = nn.Sequential(nn.Linear(2, 5, bias=False), nn.Linear(5, 2, bias=False))
+    laws, _ = check(m, (torch.randn(3, 2),), torch.randn(3, 2))
+    assert laws.num_functions == 14
 
 
 def test_conv_conv_gram_law():
@@ -179,7 +192,8 @@ def test_transformer_post_norm_translation_laws():
     m = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, activation="relu", batch_first=True)
     laws, _ = check(m, (torch.randn(2, 5, 8),), torch.randn(2, 5, 8))
     names = {f.name for f in kinds(laws)["translation"]}
-    assert names == {"translation:linear2", "translation:self_attn.out_proj"}
+    assert names == {"translation:linear2", "translation:self_attn.out_proj", "translation:self_attn"}
+    assert laws["translation:self_attn"].form == "diag"  # the key bias
     f = laws["translation:linear2"]
     ref = torch.cat([m.linear2.weight.double().sum(0), m.linear2.bias.double().sum()[None]])
     torch.testing.assert_close(laws.evaluate(m)[f.name], ref, rtol=1e-14, atol=1e-14)
@@ -188,7 +202,7 @@ def test_transformer_post_norm_translation_laws():
 def test_transformer_dropout_breaks_translation():
     m = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.1, activation="relu", batch_first=True)
     laws = consopt.find_laws(m, (torch.randn(2, 5, 8),))
-    assert "translation" not in {f.kind for f in laws}
+    assert [f.name for f in laws if f.kind == "translation"] == ["translation:self_attn"]  # key bias only
 
 
 @pytest.mark.parametrize("native_norm", [True, False])
@@ -245,7 +259,8 @@ def test_explicit_attention_and_manual_gqa(kv_heads):
     kd = kinds(laws)
     assert len(kd["attention_qk"]) == kv_heads and len(kd["attention_vo"]) == kv_heads
     assert all(f.units == 4 for f in kd["attention_qk"])
-    assert laws.num_functions == 2 * kv_heads * 10
+    assert laws.num_functions == 2 * kv_heads * 10 + kv_heads * 4  # + the key bias
+    assert [f.name for f in kd["translation"]] == ["translation:k"]
 
 
 class GeGLU(nn.Module):
