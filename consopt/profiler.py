@@ -442,12 +442,12 @@ def cmd_profile(args):
     cfg = dict(PRESETS[args.preset])
     if args.models:
         cfg["models"] = [m.strip() for m in args.models.split(",") if m.strip()]
-    if args.lrs:
-        cfg["lrs"] = _floats(args.lrs, "--lrs")
     for k in ("seeds", "steps", "batch"):
         if getattr(args, k) is not None:
             cfg[k] = getattr(args, k)
     try:
+        if args.lrs:
+            cfg["lrs"] = _floats(args.lrs, "--lrs")
         projections = [p.strip() for p in args.projection.split(",") if p.strip()]
         for p in projections:
             if p not in ("none", "symmetry", "euclidean"):

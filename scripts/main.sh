@@ -3,4 +3,4 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh" all
 cd "$ROOT"
-exec python -m consopt laws "$@"
+exec python -m consopt profile "$@"

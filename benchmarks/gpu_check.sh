@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# GPU check for consopt's fused SGD kernels: the kernel/fused tests on the GPU, then the step table.
+# Meant for one H100 with torch + triton preinstalled (no pip registry needed):
+#     bash benchmarks/gpu_check.sh [out_dir]
+# Budget: < 5 minutes (tests ~2 min including Triton compilation, benchmark ~2 min).
+set -u
+cd "$(dirname "$0")/.."
+OUT="${1:-${OUT:-benchmarks}}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export CONSOPT_TEST_GPU=1          # tests/conftest.py then leaves TRITON_INTERPRET unset
+unset TRITON_INTERPRET
+
+"$PY" - <<'PYEOF'
+import torch, triton
+print("torch", torch.__version__, "triton", triton.__version__, "cuda", torch.version.cuda)
+print("device", torch.cuda.get_device_name() if torch.cuda.is_available() else "NONE")
+PYEOF
+
+t0=$(date +%s)
+timeout 200 "$PY" -m pytest tests/test_kernels.py tests/test_fused.py -q -x -p no:cacheprovider \
+    2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+test_rc=${PIPESTATUS[0]}
+echo "tests: exit $test_rc in $(( $(date +%s) - t0 )) s"
+
+t1=$(date +%s)
+timeout 240 "$PY" benchmarks/bench_step.py --json "$OUT/bench_step_gpu.json" 2>&1 | tee "$OUT/bench_step_gpu.txt"
+bench_rc=${PIPESTATUS[0]}
+echo "benchmark: exit $bench_rc in $(( $(date +%s) - t1 )) s"
+exit $(( test_rc != 0 || bench_rc != 0 ))

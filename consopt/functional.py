@@ -1,0 +1,553 @@
+"""Functional core of consopt's optimizers: float64 law statistics and step helpers.
+
+`LawEvaluator` turns a `LawSet` bound to parameter tensors into a fixed evaluation plan, so that
+h(θ) for every family can be recomputed after each optimizer step with few, large operations
+instead of one small operation per term. Its values equal `Family.value` (the definition in
+`consopt.laws`) up to float64 summation order: every product is formed exactly in float64 from
+the stored parameters and every sum is accumulated in float64 (SPEC §6).
+
+How the plan evaluates each kind of family (M_t = P.movedim(axis, 0)[index].reshape(units, -1)):
+
+- order-2 "diag" (rescale, gate, scale laws): for each (parameter, axis) it needs, one chunked
+  pass over the parameter forms the per-slice sums of squares
+      q_a[i] = Σ_{entries of P with index i along axis a} P²        (float64)
+  (every axis from the same pass: rows directly, other axes from the column sums of the
+  chunk). A unit's value is then Σ_t s_t Σ_{i in index_t[u]} q_{a_t}[i], gathered for all
+  families at once.
+- order-1 "diag" (per-channel translation): the same with plain sums.
+- order-1 "vector" (per-token translation): colsum(M_t) of a term that takes a whole parameter
+  along axis 0 (or axis 1 of a matrix) comes from the same pass; other terms are sliced.
+- order-2 "matrix" (GL laws, attention QK/VO): terms that slice the same parameter along the same
+  axis with the same shape are gathered into one batch [T, units, K] (a view when they cover
+  the axis in order, e.g. all heads of a packed in_proj) and their Gram matrices M_t M_tᵀ formed
+  by one float64 `bmm`; a family is a signed sum of its terms' Grams.
+- anything else uses `Family.value` directly.
+
+All reductions are dense torch reductions (no atomics), so the same inputs on the same device
+give bitwise identical values. With backend="compile" the whole evaluation is one
+`torch.compile`d graph (inductor fuses the float64 conversion, squares and reductions into one
+pass over each parameter).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Iterable, Mapping
+
+import torch
+from torch import Tensor
+
+from .laws import Family, LawSet, Term
+
+__all__ = ["LawEvaluator", "param_axis_stats", "first_nonfinite_grad", "deviation_stats", "BACKENDS"]
+
+# Elements per chunk of the float64 statistics pass: 2**17 float64 = 1 MiB, fits in L2.
+_CHUNK_ELEMS = 1 << 17
+_F64 = torch.float64
+
+
+def _is_trivial_index(index: Tensor, n: int) -> bool:
+    """index == arange(n).view(T*units, S) flattened in order, i.e. the whole axis, in order."""
+    flat = index.reshape(-1)
+    return flat.numel() == n and bool(torch.equal(flat.cpu(), torch.arange(n)))
+
+
+class _StatsSpec:
+    """Which per-axis statistics one parameter needs.
+
+    sq / sum: axes a for which Σ over all other indices of P² / P is needed (a vector of length
+    P.shape[a]); rest_sum: Σ over axis 0 of P, flattened (the column sums of a translation law).
+    """
+
+    __slots__ = ("name", "sq", "sum", "rest_sum")
+
+    def __init__(self, name: str):
+        self.name = name
+        self.sq: list = []
+        self.sum: list = []
+        self.rest_sum = False
+
+    def add(self, op: str, axis: int) -> None:
+        if op == "rest_sum":
+            self.rest_sum = True
+            return
+        lst = self.sq if op == "sq" else self.sum
+        if axis not in lst:
+            lst.append(axis)
+            lst.sort()
+
+    def keys(self) -> list:
+        """The (op, axis) keys of `param_axis_stats`' result, in a fixed order."""
+        return ([("sum", a) for a in self.sum] + [("sq", a) for a in self.sq]
+                + ([("rest_sum", 0)] if self.rest_sum else []))
+
+    def frozen(self) -> tuple:
+        return (tuple(self.sq), tuple(self.sum), self.rest_sum)
+
+
+def param_axis_stats(p: Tensor, sq_axes: Iterable[int] = (), sum_axes: Iterable[int] = (),
+                     rest_sum: bool = False, scratch: Tensor | None = None,
+                     chunk: int = _CHUNK_ELEMS) -> dict:
+    """Per-axis float64 sums of `p` ("sum") and of `p²` ("sq"), eagerly, in one chunked pass.
+
+    Returns {(op, axis): vector of length p.shape[axis]} with
+        sum[a][i] = Σ_{j : j_a = i} p[j],     sq[a][i] = Σ_{j : j_a = i} p[j]²,
+    each product formed exactly in float64, and with rest_sum, {("rest_sum", 0): Σ_i p[i]
+    flattened} (length numel / shape[0]; [1] for a 1-D p). `p` is read once, in chunks of rows
+    of dim 0 converted into the cache-sized float64 `scratch`, whatever the number of axes.
+    """
+    sq_axes, sum_axes = sorted(set(sq_axes)), sorted(set(sum_axes))
+    p = p.detach()
+    out = {}
+    if p.ndim == 1:
+        x = p.to(_F64)
+        for a in sum_axes:
+            out[("sum", a)] = x
+        if sq_axes:
+            out[("sq", 0)] = x * x
+        if rest_sum:
+            out[("rest_sum", 0)] = x.sum(0, keepdim=True)
+        return out
+    n0 = p.shape[0]
+    rest_shape = p.shape[1:]
+    rest = math.prod(rest_shape)
+    want = {"sum": sum_axes, "sq": sq_axes}
+    rows = {op: torch.zeros(n0, dtype=_F64, device=p.device) for op in want if 0 in want[op]}
+    cols = {op: torch.zeros(rest, dtype=_F64, device=p.device) for op in want
+            if any(a >= 1 for a in want[op]) or (op == "sum" and rest_sum)}
+    if n0 > 0 and rest > 0 and (rows or cols):
+        r_step = max(1, chunk // rest)
+        need = min(n0, r_step) * rest
+        if scratch is None or scratch.numel() < need or scratch.device != p.device:
+            scratch = torch.empty(need, dtype=_F64, device=p.device)
+        p2 = p.reshape(n0, rest)
+        for r0 in range(0, n0, r_step):
+            r = min(r_step, n0 - r0)
+            buf = scratch[: r * rest].view(r, rest)
+            buf.copy_(p2[r0:r0 + r])
+            for op in ("sum", "sq"):
+                if op not in rows and op not in cols:
+                    continue
+                if op == "sq":
+                    buf.mul_(buf)
+                if op in rows:
+                    torch.sum(buf, 1, out=rows[op][r0:r0 + r])
+                if op in cols:
+                    cols[op].add_(buf.sum(0))
+    for op, axes in want.items():
+        for a in axes:
+            out[(op, a)] = rows[op] if a == 0 else _axis_from_cols(cols[op], rest_shape, a)
+    if rest_sum:
+        out[("rest_sum", 0)] = cols["sum"]
+    return out
+
+
+def _axis_from_cols(c: Tensor, rest_shape, a: int) -> Tensor:
+    """Σ over every dim but a (≥ 1) of a tensor whose dim-0 sum is c (flattened rest)."""
+    c = c.view(rest_shape)
+    dims = [d for d in range(len(rest_shape)) if d != a - 1]
+    return c.sum(dims) if dims else c
+
+
+def _graph_param_stats(p: Tensor, spec: tuple) -> list:
+    """`param_axis_stats` as one expression per statistic (no chunks: for torch.compile, which
+    fuses the float64 conversion, squares and reductions into a single pass over p)."""
+    sq_axes, sum_axes, rest_sum = spec
+    out = []
+    if p.ndim == 1:
+        x = p.to(_F64)
+        for _ in sum_axes:
+            out.append(x)
+        for _ in sq_axes:
+            out.append(x * x)
+        if rest_sum:
+            out.append(x.sum(0, keepdim=True))
+        return out
+    rest_shape = p.shape[1:]
+    x = p.to(_F64).reshape(p.shape[0], -1)
+    if sum_axes or rest_sum:
+        c = x.sum(0)
+        for a in sum_axes:
+            out.append(x.sum(1) if a == 0 else _axis_from_cols(c, rest_shape, a))
+    if sq_axes:
+        s = x * x
+        c2 = s.sum(0)
+        for a in sq_axes:
+            out.append(s.sum(1) if a == 0 else _axis_from_cols(c2, rest_shape, a))
+    if rest_sum:
+        out.append(c)
+    return out
+
+
+_COMPILED_IDS = iter(range(1 << 62))
+
+
+def _compile_values(values_fn):
+    """torch.compile the whole evaluation (statistics, gathers, Grams) as one static graph.
+
+    Each evaluator gets its own code object, so dynamo's per-code cache (and its recompile
+    limit) is not shared between optimizers.
+    """
+
+    def law_values(*ps):
+        return values_fn(ps, True)
+
+    law_values.__code__ = law_values.__code__.replace(co_name=f"consopt_law_values_{next(_COMPILED_IDS)}")
+    return torch.compile(law_values, dynamic=False, fullgraph=True)
+
+
+def _check_index(f: Family, t: Term, idx: Tensor, n: int) -> None:
+    # vector families sum each term over its own units; the others pair units across terms
+    if idx.ndim != 2 or (f.form != "vector" and idx.shape[0] != f.units):
+        raise ValueError(f"law family {f.name!r}: term on {t.param!r} has index of shape {tuple(idx.shape)}, "
+                         f"expected [{f.units}, S]")
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
+        raise ValueError(f"law family {f.name!r}: index of {t.param!r} along axis {t.axis} is out of "
+                         f"range for size {n}")
+
+
+BACKENDS = ("eager", "compile")
+
+
+class LawEvaluator:
+    """Evaluate every family of `laws` on fixed tensors, in float64, with a precomputed plan.
+
+    `tensors` maps each law parameter name to the tensor to read (typically the optimizer's
+    parameters, as bound by `LawSet.bind`). `evaluator()` returns {family: float64 tensor} with
+    the same keys, order and shapes as `laws.evaluate`, on each family's device.
+
+    backend: "eager" (default) runs the plan with torch ops (the statistics in cache-sized
+    chunks); "compile" runs the same plan as one `torch.compile`d graph (inductor fuses the
+    conversion, squares and reductions into one pass per parameter; the first call compiles,
+    which takes seconds). If compilation fails the evaluator warns once and falls back to
+    "eager". Both agree to float64 rounding; bitwise reproducibility holds within one backend.
+    """
+
+    def __init__(self, laws: LawSet, tensors: Mapping[str, Tensor], *, chunk: int = _CHUNK_ELEMS,
+                 backend: str = "eager"):
+        self.laws = laws
+        self.names = laws.keys()
+        self.tensors = OrderedDict((n, tensors[n]) for n in laws.param_names)
+        self.chunk = int(chunk)
+        self._scratch: dict = {}
+        self._compiled = None
+        self.backend = backend
+        self._build()
+
+    def __getstate__(self):  # copies / pickles recompile lazily and get their own scratch
+        state = self.__dict__.copy()
+        state["_compiled"] = None
+        state["_scratch"] = {}
+        return state
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        if value not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {value!r}")
+        self._backend = value
+        self._compiled = None
+
+    # -- plan ----------------------------------------------------------------------------
+    def _build(self):
+        laws, tensors = self.laws, self.tensors
+        self._stats: "OrderedDict[str, _StatsSpec]" = OrderedDict()
+        diag, matrix, vector, generic = [], [], [], []
+        for f in laws.families:
+            ok = len(f.terms) > 0 and all(tensors[t.param].ndim >= 1 for t in f.terms)
+            if ok and f.form == "diag" and f.order in (1, 2):
+                diag.append(f)
+            elif ok and f.form == "matrix" and f.order == 2:
+                matrix.append(f)
+            elif ok and f.form == "vector" and f.order == 1:
+                vector.append(f)
+            else:
+                generic.append(f)
+        self._generic = generic
+        self._diag_plans = self._build_diag(diag)
+        self._mat_groups, self._mat_plans = self._build_matrix(matrix)
+        self._vec_plans = self._build_vector(vector)
+
+    @staticmethod
+    def _family_device(f: Family, tensors) -> torch.device:
+        return tensors[f.terms[0].param].device
+
+    def _need(self, name: str, op: str, axis: int) -> None:
+        self._stats.setdefault(name, _StatsSpec(name)).add(op, axis)
+
+    def _build_diag(self, families):
+        """Per device: the statistics to concatenate, and per contribution width W an index
+        table [units, W] into that concatenation (padding-free: W is per bucket)."""
+        tensors = self.tensors
+        per_dev: "OrderedDict[torch.device, list]" = OrderedDict()
+        for f in families:
+            per_dev.setdefault(self._family_device(f, tensors), []).append(f)
+        plans = []
+        for dev, fams in per_dev.items():
+            keys: "OrderedDict[tuple, int]" = OrderedDict()  # (param, op, axis) -> offset
+            offset = 0
+            buckets: "OrderedDict[int, dict]" = OrderedDict()
+            for f in fams:
+                op = "sq" if f.order == 2 else "sum"
+                src_cols, sign_cols = [], []
+                for t in f.terms:
+                    idx = t.index.to(torch.int64).cpu()
+                    n = tensors[t.param].shape[t.axis]
+                    _check_index(f, t, idx, n)
+                    key = (t.param, op, t.axis)
+                    if key not in keys:
+                        keys[key] = offset
+                        offset += n
+                        self._need(t.param, op, t.axis)
+                    src_cols.append(idx + keys[key])
+                    sign_cols.append(torch.full(idx.shape, float(t.sign), dtype=_F64))
+                src = torch.cat(src_cols, 1)
+                b = buckets.setdefault(src.shape[1], {"src": [], "sign": [], "fams": []})
+                b["src"].append(src)
+                b["sign"].append(torch.cat(sign_cols, 1))
+                b["fams"].append((f.name, f.units))
+            bplans = [{"src": torch.cat(b["src"], 0).to(dev), "sign": torch.cat(b["sign"], 0).to(dev),
+                       "fams": b["fams"]} for b in buckets.values()]
+            plans.append({"device": dev, "keys": list(keys), "buckets": bplans})
+        return plans
+
+    def _build_vector(self, families):
+        """Per family: pieces s_t · colsum(M_t), from the statistics pass where the term takes a
+        whole parameter along axis 0 in order, else from the term's own slice."""
+        tensors = self.tensors
+        plans = []
+        for f in families:
+            pieces = []
+            for t in f.terms:
+                p = tensors[t.param]
+                idx = t.index.to(torch.int64).cpu()
+                _check_index(f, t, idx, p.shape[t.axis])
+                whole = idx.shape[1] == 1 and _is_trivial_index(idx, p.shape[t.axis])
+                if whole and t.axis == 0:  # Σ over axis 0, the rest flattened
+                    self._need(t.param, "rest_sum", 0)
+                    pieces.append(("stat", (t.param, "rest_sum", 0), float(t.sign)))
+                elif whole and t.axis == 1 and p.ndim == 2:  # Σ over axis 1 = per-row sums
+                    self._need(t.param, "sum", 0)
+                    pieces.append(("stat", (t.param, "sum", 0), float(t.sign)))
+                else:
+                    pieces.append(("slice", (t.param, t.axis, idx.to(p.device), idx.shape[0]), float(t.sign)))
+            plans.append((f.name, pieces))
+        return plans
+
+    def _build_matrix(self, families):
+        """Batches of same-shaped Gram terms, and per (units, #terms) a term-index table."""
+        tensors = self.tensors
+        groups: "OrderedDict[tuple, dict]" = OrderedDict()
+        term_slots = []  # per family: list of (group key, slot, sign)
+        for f in families:
+            slots = []
+            for t in f.terms:
+                p = tensors[t.param]
+                idx = t.index.to(torch.int64).cpu()
+                _check_index(f, t, idx, p.shape[t.axis])
+                key = (t.param, t.axis, tuple(idx.shape))
+                g = groups.setdefault(key, {"param": t.param, "axis": t.axis, "shape": tuple(idx.shape),
+                                            "index": [], "device": p.device})
+                slots.append([key, len(g["index"]), float(t.sign)])
+                g["index"].append(idx)
+            term_slots.append((f, slots))
+        # Sort each group's terms by position along the axis: a group that covers the whole
+        # axis in order (e.g. every head's q, k and v rows of a packed in_proj) is then a view.
+        for key, g in groups.items():
+            order = sorted(range(len(g["index"])), key=lambda i: tuple(g["index"][i].reshape(-1)[:1].tolist()))
+            new_pos = {old: new for new, old in enumerate(order)}
+            idx = torch.stack([g["index"][i] for i in order], 0)
+            g["new_pos"] = new_pos
+            g["view"] = _is_trivial_index(idx, tensors[g["param"]].shape[g["axis"]])
+            g["index"] = idx.to(g["device"])
+            g["T"] = idx.shape[0]
+        for _, slots in term_slots:
+            for s in slots:
+                s[1] = groups[s[0]]["new_pos"][s[1]]
+        per_dev: "OrderedDict[torch.device, dict]" = OrderedDict()
+        for f, slots in term_slots:
+            dev = self._family_device(f, tensors)
+            d = per_dev.setdefault(dev, {"gkeys": OrderedDict(), "buckets": OrderedDict()})
+            for key, _, _ in slots:
+                d["gkeys"][key] = None
+            b = d["buckets"].setdefault((f.units, len(slots)), {"fams": [], "slots": []})
+            b["fams"].append(f.name)
+            b["slots"].append(slots)
+        plans = []
+        for dev, d in per_dev.items():
+            by_units: "OrderedDict[int, list]" = OrderedDict()
+            for key in d["gkeys"]:
+                by_units.setdefault(groups[key]["shape"][0], []).append(key)
+            offs = {}
+            for u, keys in by_units.items():
+                off = 0
+                for key in keys:
+                    offs[key] = off
+                    off += groups[key]["T"]
+            bplans = []
+            for (u, w), b in d["buckets"].items():
+                idx = torch.tensor([[offs[k] + s for k, s, _ in sl] for sl in b["slots"]], dtype=torch.int64)
+                sign = torch.tensor([[sg for _, _, sg in sl] for sl in b["slots"]], dtype=_F64)
+                bplans.append({"units": u, "idx": idx.to(dev), "sign": sign.view(*sign.shape, 1, 1).to(dev),
+                               "fams": b["fams"]})
+            plans.append({"device": dev, "by_units": by_units, "buckets": bplans})
+        return groups, plans
+
+    # -- evaluation ------------------------------------------------------------------------
+    def _stats_eager(self, tensors) -> dict:
+        out = {}
+        for name, spec in self._stats.items():
+            p = tensors[name]
+            scratch = None
+            if p.ndim >= 2 and p.shape[0] > 0:
+                dev = p.device
+                rest = p.numel() // p.shape[0]
+                need = min(p.shape[0], max(1, self.chunk // max(rest, 1))) * rest
+                scratch = self._scratch.get(dev)
+                if scratch is None or scratch.numel() < need:
+                    scratch = self._scratch[dev] = torch.empty(need, dtype=_F64, device=dev)
+            st = param_axis_stats(p, spec.sq, spec.sum, spec.rest_sum, scratch, self.chunk)
+            for k in spec.keys():
+                out[(name,) + k] = st[k]
+        return out
+
+    def _stats_graph(self, tensors) -> dict:
+        out = {}
+        for name, spec in self._stats.items():
+            for k, v in zip(spec.keys(), _graph_param_stats(tensors[name], spec.frozen())):
+                out[(name,) + k] = v
+        return out
+
+    @staticmethod
+    def _gram_batch(tensors, g) -> Tensor:
+        pm = tensors[g["param"]].movedim(g["axis"], 0)
+        T, U = g["T"], g["shape"][0]
+        m = pm.reshape(T, U, -1) if g["view"] else pm[g["index"]].reshape(T, U, -1)
+        m = m.to(_F64)
+        return torch.bmm(m, m.transpose(1, 2))
+
+    def _values(self, ps: tuple, graph: bool) -> list:
+        """The family values (in `self.names` order) from the law parameters `ps` (in
+        `self.tensors` order). A pure function of `ps` given the plan; graph=True uses the
+        unchunked statistics, for torch.compile."""
+        tensors = dict(zip(self.tensors.keys(), ps))
+        stats = self._stats_graph(tensors) if graph else self._stats_eager(tensors)
+        vals = {}
+        for plan in self._diag_plans:
+            allstats = torch.cat([stats[k].reshape(-1) for k in plan["keys"]])
+            for b in plan["buckets"]:
+                v = (allstats[b["src"]] * b["sign"]).sum(1)
+                o = 0
+                for name, u in b["fams"]:
+                    vals[name] = v[o:o + u]
+                    o += u
+        for name, pieces in self._vec_plans:
+            parts = []
+            for kind, key, sign in pieces:
+                if kind == "stat":
+                    x = stats[key]
+                else:
+                    pname, axis, idx, units = key
+                    x = tensors[pname].movedim(axis, 0)[idx].reshape(units, -1).to(_F64).sum(0)
+                parts.append(x if sign == 1.0 else x * sign)
+            vals[name] = torch.cat(parts)
+        for plan in self._mat_plans:
+            grams = {}
+            for u, keys in plan["by_units"].items():
+                parts = [self._gram_batch(tensors, self._mat_groups[k]) for k in keys]
+                grams[u] = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
+            for b in plan["buckets"]:
+                v = (grams[b["units"]][b["idx"]] * b["sign"]).sum(1)
+                for i, name in enumerate(b["fams"]):
+                    vals[name] = v[i]
+        for f in self._generic:
+            vals[f.name] = f.value(tensors)
+        return [vals[n] for n in self.names]
+
+    @torch.no_grad()
+    def __call__(self) -> dict:
+        ps = tuple(p.detach() for p in self.tensors.values())
+        if self._backend == "compile":
+            try:
+                if self._compiled is None:
+                    self._compiled = _compile_values(self._values)
+                return dict(zip(self.names, self._compiled(*ps)))
+            except Exception as e:  # noqa: BLE001 - any compiler failure: warn once, fall back
+                import warnings
+
+                warnings.warn(f"consopt: torch.compile of the law evaluation failed ({type(e).__name__}: "
+                              f"{str(e)[:300]}); using the eager backend", RuntimeWarning, stacklevel=2)
+                self._backend = "eager"
+                self._compiled = None
+        return dict(zip(self.names, self._values(ps, graph=False)))
+
+    @torch.no_grad()
+    def scale(self) -> dict:
+        """Σ of the absolute terms of every function (`LawSet.scale`), float64."""
+        t = {n: p.detach() for n, p in self.tensors.items()}
+        return {f.name: f.value(t, absolute=True) for f in self.laws.families}
+
+
+def first_nonfinite_grad(grads: list) -> int | None:
+    """Index of the first gradient with a NaN or ±inf entry, or None. One host sync per device.
+
+    Uses the ∞-norm of each gradient (a max, which propagates NaN), so no gradient-sized
+    temporary is written.
+    """
+    by_dev: "OrderedDict[torch.device, list]" = OrderedDict()
+    for i, g in enumerate(grads):
+        if g is None:
+            continue
+        if g.layout == torch.sparse_coo:
+            g = g._values()
+        elif g.layout != torch.strided:
+            g = g.values()
+        if g.numel():
+            by_dev.setdefault(g.device, []).append((i, g))
+    bad = None
+    for items in by_dev.values():
+        norms = torch._foreach_norm([g for _, g in items], math.inf)
+        ok = torch.isfinite(torch.stack([n.real if n.is_complex() else n for n in norms]))
+        if not bool(ok.all()):
+            first = items[int((~ok).nonzero()[0, 0])][0]
+            bad = first if bad is None else min(bad, first)
+    return bad
+
+
+def deviation_stats(h: Mapping[str, Tensor], h0: Mapping[str, Tensor], scale0: Mapping[str, Tensor],
+                    steps: int) -> dict:
+    """Flat {str: float} summary of the deviation dev = h − h0 of every family f:
+
+        f"{f}/max_abs" = max_i |dev_i|
+        f"{f}/max_rel" = max_i |dev_i| / max(|h0_i|, 1e-12 · scale0_i)
+
+    where scale0_i is the sum of the absolute terms of function i at θ_0 (`LawSet.scale`), so a
+    function that starts at 0 is measured against its size instead of dividing by zero. Where
+    the denominator is 0 (every term 0 at θ_0, e.g. a dead unit), the ratio is 0 if dev_i = 0 and
+    inf otherwise. Empty families give 0. Plus "step": the number of tracked steps. One host sync.
+    """
+    keys, parts = [], []
+    for name in h:
+        dev = h[name] - h0[name]
+        a = dev.abs()
+        if a.numel() == 0:
+            parts.append(torch.zeros(2, dtype=_F64, device=a.device))
+        else:
+            denom = torch.maximum(h0[name].abs(), 1e-12 * scale0[name])
+            rel = torch.where(denom > 0, a / torch.where(denom > 0, denom, torch.ones_like(denom)),
+                              torch.where(a > 0, torch.full_like(a, math.inf), torch.zeros_like(a)))
+            parts.append(torch.stack([a.max(), rel.max()]))
+        keys.append(name)
+    out = {}
+    if parts:
+        dev0 = parts[0].device
+        flat = torch.cat([p.to(dev0) for p in parts]).tolist()
+        for i, name in enumerate(keys):
+            out[f"{name}/max_abs"] = flat[2 * i]
+            out[f"{name}/max_rel"] = flat[2 * i + 1]
+    out["step"] = float(steps)
+    return out

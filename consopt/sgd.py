@@ -1,0 +1,549 @@
+"""`consopt.SGD`: `torch.optim.SGD` that tracks the exact deviation of every conserved function.
+
+The update is torch's own (`torch.optim.sgd.sgd`, the functional behind `torch.optim.SGD`), so
+parameters and momentum buffers are bitwise those of `torch.optim.SGD`. With `laws`, the
+optimizer also records h(θ_0) when tracking starts and h(θ_t) after every step, in float64
+(`consopt.functional.LawEvaluator`), so that `deviation()` = h(θ_t) − h(θ_0) is free to read.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import _use_grad_for_differentiable
+from torch.optim.sgd import sgd as _torch_sgd
+
+from .functional import LawEvaluator, deviation_stats, first_nonfinite_grad
+from .laws import LawSet
+
+__all__ = ["SGD"]
+
+_PROJECTIONS = ("symmetry", "euclidean")
+_NONFINITE = ("propagate", "raise")
+_STATE_KEY = "consopt"
+_STATE_VERSION = 1
+
+
+class _LawTracker:
+    """Tracking state of one optimizer: h(θ_0), the last h(θ_t), scale at θ_0 and a step count."""
+
+    def __init__(self, laws: LawSet, tensors: Mapping[str, Tensor]):
+        self.laws = laws
+        self.evaluator = LawEvaluator(laws, tensors)
+        self.names = laws.keys()
+        self.h0: dict | None = None
+        self.h: dict | None = None
+        self.scale0: dict | None = None
+        self.steps = 0
+        self.skipped: Tensor | None = None  # steps skipped by a fused GradScaler step (on device)
+
+    @property
+    def started(self) -> bool:
+        return self.h0 is not None
+
+    def family_device(self, name: str) -> torch.device:
+        f = self.laws[name]
+        return self.evaluator.tensors[f.terms[0].param].device
+
+    def reset(self) -> None:
+        h = self.evaluator()
+        self.h0, self.h = h, h
+        self.scale0 = self.evaluator.scale()
+        self.steps, self.skipped = 0, None
+
+    def advance(self, values: dict | None = None, found_inf: Tensor | None = None) -> None:
+        self.h = values if values is not None else self.evaluator()
+        self.steps += 1
+        if found_inf is not None:  # fused GradScaler step: no host sync, count skips on device
+            s = (found_inf.detach() > 0).to(torch.int64).reshape(-1).sum()
+            self.skipped = s if self.skipped is None else self.skipped + s.to(self.skipped.device)
+
+    def num_steps(self) -> int:
+        return self.steps - (int(self.skipped.item()) if self.skipped is not None else 0)
+
+    def deviation(self) -> dict:
+        if not self.started:
+            shapes = self.laws.param_shapes
+            return {n: torch.zeros(self.laws[n].shape(shapes), dtype=torch.float64, device=self.family_device(n))
+                    for n in self.names}
+        return {n: self.h[n] - self.h0[n] for n in self.names}
+
+    def stats(self) -> dict:
+        if not self.started:
+            out = {}
+            for n in self.names:
+                out[f"{n}/max_abs"] = 0.0
+                out[f"{n}/max_rel"] = 0.0
+            out["step"] = 0.0
+            return out
+        return deviation_stats(self.h, self.h0, self.scale0, self.num_steps())
+
+    # -- checkpointing -------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        clone = lambda d: {k: v.detach().clone() for k, v in d.items()} if d is not None else {}
+        return {
+            "version": _STATE_VERSION,
+            "families": list(self.names),
+            "started": self.started,
+            "steps": self.num_steps(),
+            "h0": clone(self.h0),
+            "h": clone(self.h),
+            "scale0": clone(self.scale0),
+        }
+
+    def prepare(self, state: Any) -> dict | None:
+        """Validate a saved tracking state and move it to this optimizer's devices."""
+        if state is None:
+            return None
+        if not isinstance(state, Mapping) or "families" not in state:
+            raise ValueError(f"malformed consopt tracking state in the optimizer state dict: {type(state).__name__}")
+        if int(state.get("version", 0)) > _STATE_VERSION:
+            raise ValueError(f"consopt tracking state has version {state.get('version')}, "
+                             f"this consopt reads up to version {_STATE_VERSION}; upgrade consopt")
+        saved = list(state["families"])
+        if saved != list(self.names):
+            missing = [n for n in self.names if n not in saved]
+            extra = [n for n in saved if n not in self.names]
+            raise ValueError(
+                "the checkpoint tracked other law families than this optimizer's laws "
+                f"(missing from checkpoint: {missing[:5]}, not in laws: {extra[:5]}); "
+                "build the optimizer with the same LawSet, or load a state dict without the "
+                f"{_STATE_KEY!r} key to restart tracking"
+            )
+        if not state["started"]:
+            return {"started": False}
+        out = {"started": True, "steps": int(state["steps"])}
+        shapes = self.laws.param_shapes
+        for key in ("h0", "h", "scale0"):
+            d = {}
+            for n in self.names:
+                v = state[key][n]
+                want = tuple(self.laws[n].shape(shapes))
+                if tuple(v.shape) != want:
+                    raise ValueError(f"checkpoint tracking state {key}[{n!r}] has shape {tuple(v.shape)}, "
+                                     f"the law family has shape {want}")
+                d[n] = v.detach().to(device=self.family_device(n), dtype=torch.float64, copy=True)
+            out[key] = d
+        return out
+
+    def load(self, prepared: dict | None) -> None:
+        if prepared is None or not prepared["started"]:
+            self.h0 = self.h = self.scale0 = None
+            self.steps, self.skipped = 0, None
+            return
+        self.h0, self.h, self.scale0 = prepared["h0"], prepared["h"], prepared["scale0"]
+        self.steps, self.skipped = prepared["steps"], None
+
+
+class SGD(torch.optim.SGD):
+    r"""Drop-in :class:`torch.optim.SGD` that tracks the deviation of conservation laws.
+
+    Without ``laws`` (and with ``on_nonfinite="propagate"``) this is exactly
+    ``torch.optim.SGD``: same hyperparameters, same errors, same update code
+    (``torch.optim.sgd.sgd``), same ``state_dict``. Every torch.optim.SGD argument keeps its meaning.
+
+    Args (beyond torch.optim.SGD's):
+        laws (LawSet, optional): conservation laws to track, e.g. from ``consopt.find_laws``.
+            Bound to parameter tensors through ``laws.bound`` (``laws.bind(model)``); every
+            parameter a law uses must be held by this optimizer.
+        projection (None | "symmetry" | "euclidean"): after each step, move the parameters
+            back onto {h = h(θ_0)} (``consopt.projection``): "symmetry" acts with each law's
+            own symmetry group (the network's function is unchanged; momentum buffers are
+            transported by the same action), "euclidean" takes the nearest point. Needs laws.
+            ``projection_stats`` holds the last projection's rounds, skipped (dead) units and
+            residual.
+        on_nonfinite ("propagate" | "raise"): "propagate" does what torch does with NaN/inf
+            gradients; "raise" raises FloatingPointError naming the first parameter with a
+            non-finite gradient, before any parameter, momentum buffer or tracking state changes.
+
+    Tracking. θ_0 is the parameter state at the first ``step()`` (evaluated before its update)
+    or at ``reset_tracking()``. After every step h(θ_t) is evaluated in float64 from the stored
+    parameters, so ``deviation()`` returns h(θ_t) − h(θ_0) without further work; it agrees with
+    a float64 re-evaluation (``laws.evaluate``) to ~1e-15 × the sum of the absolute terms.
+    Tracking state travels in ``state_dict()["consopt"]``; a state dict of this class loads into
+    ``torch.optim.SGD`` and vice versa.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float | Tensor = 1e-3,
+        momentum: float = 0,
+        dampening: float = 0,
+        weight_decay: float | Tensor = 0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        laws: LawSet | None = None,
+        projection: str | None = None,
+        on_nonfinite: str = "propagate",
+    ) -> None:
+        super().__init__(params, lr=lr, momentum=momentum, dampening=dampening,
+                         weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
+                         foreach=foreach, differentiable=differentiable, fused=fused)
+        if projection is not None:
+            if not (isinstance(projection, str) and projection in _PROJECTIONS):
+                raise ValueError(f"projection must be None, 'symmetry' or 'euclidean', got {projection!r}")
+            if laws is None:
+                raise ValueError(f"projection={projection!r} needs the laws to project onto: pass "
+                                 "laws=consopt.find_laws(model, example_inputs)")
+        if not (isinstance(on_nonfinite, str) and on_nonfinite in _NONFINITE):
+            raise ValueError(f"on_nonfinite must be 'propagate' or 'raise', got {on_nonfinite!r}")
+        if laws is not None and not isinstance(laws, LawSet):
+            raise TypeError(f"laws must be a consopt.LawSet (e.g. from consopt.find_laws), got {type(laws).__name__}")
+        self.laws = laws
+        self.projection = projection
+        self.on_nonfinite = on_nonfinite
+        self._law_names: dict = {}
+        self._law_params: list = []
+        self._tracker: _LawTracker | None = None
+        self.projection_stats = None  # consopt.projection.ProjectionStats of the last projected step
+        self._use_fused: bool | None = None  # decided at the first step (devices are final then)
+        self._force_triton = False  # tests: run the Triton path on the CPU (TRITON_INTERPRET=1)
+        self._flat = None  # FlatGroup per param group on the fused path
+        self._compiled = None
+        self._published = {}  # id(p) -> the momentum view we put in self.state[p]
+        if laws is not None:
+            self._tracker = _LawTracker(laws, self._bind(laws))
+
+    # -- binding ---------------------------------------------------------------------------
+    def _bind(self, laws: LawSet) -> dict:
+        bound = laws.bound
+        if bound is None:
+            raise ValueError(
+                "the LawSet is not bound to parameter tensors; call laws.bind(model) with the model "
+                "whose parameters this optimizer updates (consopt.find_laws binds automatically)"
+            )
+        laws.check_params(bound, what="tensors the laws are bound to")
+        held = {}
+        for gi, group in enumerate(self.param_groups):
+            for j, p in enumerate(group["params"]):
+                held.setdefault(id(p), (gi, j))
+        tensors = {}
+        for name in laws.param_names:
+            p = bound[name]
+            if id(p) not in held:
+                raise ValueError(
+                    f"law parameter {name!r} is not held by this optimizer: pass every parameter the "
+                    "laws use (e.g. model.parameters()), or keep only the families you need with "
+                    "laws.subset(names)"
+                )
+            if p.is_complex():
+                raise ValueError(f"law parameter {name!r} is complex ({p.dtype}); conservation laws "
+                                 "are tracked for real floating-point parameters only")
+            if not p.is_floating_point():
+                raise ValueError(f"law parameter {name!r} has dtype {p.dtype}; conservation laws "
+                                 "are tracked for floating-point parameters only")
+            if p.layout != torch.strided:
+                raise ValueError(f"law parameter {name!r} has layout {p.layout}; only dense "
+                                 "(strided) parameters can be tracked")
+            tensors[name] = p
+            self._law_names.setdefault(id(p), name)
+        self._law_params = list(tensors.items())
+        return tensors
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        for k in ("laws", "projection", "on_nonfinite", "_law_names", "_law_params", "_tracker", "projection_stats"):
+            state[k] = getattr(self, k, None)
+        state["_use_fused"] = None  # flat storage is rebuilt on the next step
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        d = self.__dict__
+        d.setdefault("laws", None)
+        d.setdefault("projection", None)
+        d.setdefault("on_nonfinite", "propagate")
+        d.setdefault("_law_names", {})
+        d.setdefault("_law_params", [])
+        d.setdefault("_tracker", None)
+        d.setdefault("projection_stats", None)
+        d["_use_fused"], d["_flat"], d["_compiled"], d["_published"] = None, None, None, {}
+        d.setdefault("_force_triton", False)
+        if d["_law_names"] is None:
+            d["_law_names"] = {}
+        if d["_law_params"] is None:
+            d["_law_params"] = []
+        if d["_tracker"] is not None:  # ids changed when pickled/copied: rebuild the name map
+            d["_law_names"] = {id(p): n for n, p in reversed(d["_tracker"].evaluator.tensors.items())}
+            d["_law_params"] = list(d["_tracker"].evaluator.tensors.items())
+
+    # -- the step --------------------------------------------------------------------------
+    @_use_grad_for_differentiable
+    def step(self, closure=None):
+        """Perform one SGD step (torch's update), then record h(θ_t) if laws are tracked.
+
+        Args:
+            closure (Callable, optional): A closure that reevaluates the model and returns the loss.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        found_inf = getattr(self, "found_inf", None)
+        tracker = self._tracker
+        if tracker is not None:
+            self._check_law_grads()
+        if self.on_nonfinite == "raise":
+            self._raise_on_nonfinite(found_inf)
+        if tracker is not None and not tracker.started:
+            tracker.reset()  # θ_0: before the first update
+
+        # Dispatch point: the PyTorch path today; a fused kernel (update + law statistics in
+        # one pass) slots in here and returns the new law values itself.
+        if self._step_impl() == "fused":
+            values = self._fused_step()
+        else:
+            self._torch_step()
+            values = None
+
+        if self.projection is not None and tracker is not None:
+            if found_inf is None or not bool(found_inf.item()):  # a skipped step moved nothing
+                values = self._project()
+
+        if tracker is not None:
+            tracker.advance(values, found_inf)
+        return loss
+
+    def _project(self):
+        """Put the parameters back on {h = h(θ_0)} (consopt.projection); momentum is transported."""
+        from .projection import project
+
+        tensors = self._tracker.evaluator.tensors
+        buffers = {}
+        for name, p in tensors.items():
+            buf = self.state.get(p, {}).get("momentum_buffer")
+            if buf is not None:
+                buffers[name] = buf
+        self.projection_stats = project(self.laws, tensors, self._tracker.h0, self.projection, buffers=buffers)
+        return None  # re-evaluated by the tracker
+
+    def _step_impl(self) -> str:
+        """Which implementation applies the update.
+
+        "fused": the Triton kernels of `triton_kernels` over flat buffers (update and every law
+        statistic in one pass) — on CUDA with fused=True, or by default (fused=None) when laws
+        are tracked. "torch": torch.optim.sgd.sgd, then an eager float64 evaluation of the laws."""
+        if self._use_fused is None:
+            self._use_fused = self._decide_fused()
+        return "fused" if self._use_fused else "torch"
+
+    def _decide_fused(self) -> bool:
+        if self.defaults.get("differentiable"):
+            return False
+        fused = self.defaults.get("fused")
+        if fused is False:
+            return False
+        params = [p for g in self.param_groups for p in g["params"]]
+        ok_dtypes = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+        if not params or any(p.dtype not in ok_dtypes or p.is_sparse for p in params):
+            return False
+        for g in self.param_groups:
+            if len({p.device for p in g["params"]}) > 1:
+                return False
+        if self._force_triton:
+            return True
+        if any(p.device.type != "cuda" for p in params):
+            return False
+        return bool(fused) or self.laws is not None
+
+    def _fused_step(self) -> dict | None:
+        """Apply the update with the fused Triton kernels; return {family: h(θ_t)} (or None)."""
+        from .fused import FlatGroup, compile_laws, fused_sgd_step
+
+        if self._flat is None:
+            from ._kernels import check_triton_kernels
+
+            check_triton_kernels()
+            self._flat = [FlatGroup(g["params"]) for g in self.param_groups]
+            self._published = {}
+            if self._tracker is not None:
+                self._compiled = compile_laws(self.laws, self._tracker.evaluator.tensors, self._flat)
+        self._sync_momentum_in()
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        for group, flat in zip(self.param_groups, self._flat):
+            fused_sgd_step(flat, group["lr"], momentum=group["momentum"], dampening=group["dampening"],
+                           weight_decay=group["weight_decay"], nesterov=group["nesterov"],
+                           maximize=group["maximize"], grad_scale=grad_scale, found_inf=found_inf,
+                           compiled_laws=self._compiled, finish=False)
+        self._sync_momentum_out()
+        return self._compiled.finish() if self._compiled is not None else None
+
+    def _sync_momentum_in(self) -> None:
+        """Adopt momentum buffers that load_state_dict (or the user) put into self.state."""
+        for group, flat in zip(self.param_groups, self._flat):
+            if group["momentum"] == 0:
+                continue
+            for i, p in enumerate(group["params"]):
+                st = self.state.get(p)
+                buf = st.get("momentum_buffer") if st else None
+                mine = self._published.get(id(p))
+                if buf is mine:
+                    continue
+                flat.set_momentum_buffer(i, buf)
+                self._published.pop(id(p), None)
+
+    def _sync_momentum_out(self) -> None:
+        """Publish the flat momentum views in self.state (torch's state_dict reads them there)."""
+        for group, flat in zip(self.param_groups, self._flat):
+            if group["momentum"] == 0:
+                continue
+            for i, p in enumerate(group["params"]):
+                if p.grad is None or id(p) in self._published:
+                    continue
+                view = flat.momentum_buffer(i)
+                if view is not None:
+                    self.state[p]["momentum_buffer"] = view
+                    self._published[id(p)] = view
+
+    def _torch_step(self) -> None:
+        """torch.optim.SGD's update, verbatim: the functional `torch.optim.sgd.sgd` per group."""
+        for group in self.param_groups:
+            params: list[Tensor] = []
+            grads: list[Tensor] = []
+            momentum_buffer_list: list[Tensor | None] = []
+
+            has_sparse_grad = self._init_group(group, params, grads, momentum_buffer_list)
+
+            _torch_sgd(
+                params,
+                grads,
+                momentum_buffer_list,
+                weight_decay=group["weight_decay"],
+                momentum=group["momentum"],
+                lr=group["lr"],
+                dampening=group["dampening"],
+                nesterov=group["nesterov"],
+                maximize=group["maximize"],
+                has_sparse_grad=has_sparse_grad,
+                foreach=group["foreach"],
+                fused=group["fused"],
+                grad_scale=getattr(self, "grad_scale", None),
+                found_inf=getattr(self, "found_inf", None),
+            )
+
+            if group["momentum"] != 0:
+                for p, momentum_buffer in zip(params, momentum_buffer_list, strict=True):
+                    self.state[p]["momentum_buffer"] = momentum_buffer
+
+    def _check_law_grads(self) -> None:
+        for name, p in self._law_params:
+            g = p.grad
+            if g is not None and g.layout != torch.strided:
+                raise ValueError(f"law parameter {name!r} has a sparse gradient ({g.layout}); consopt "
+                                 "tracks laws for dense gradients only (e.g. nn.Embedding(sparse=False))")
+
+    def _param_label(self, gi: int, j: int, p: Tensor) -> str:
+        name = self._law_names.get(id(p))
+        if name is not None:
+            return repr(name)
+        names = self.param_groups[gi].get("param_names")
+        if names is not None and j < len(names):
+            return repr(names[j])
+        return f"param_groups[{gi}]['params'][{j}]"
+
+    def _raise_on_nonfinite(self, found_inf: Tensor | None) -> None:
+        if found_inf is not None and bool(found_inf.item()):
+            return  # a GradScaler found inf/NaN: the fused update skips this step itself
+        where, grads = [], []
+        for gi, group in enumerate(self.param_groups):
+            for j, p in enumerate(group["params"]):
+                if p.grad is not None:
+                    where.append((gi, j, p))
+                    grads.append(p.grad)
+        k = first_nonfinite_grad(grads)
+        if k is not None:
+            gi, j, p = where[k]
+            raise FloatingPointError(
+                f"non-finite gradient (NaN or inf) for parameter {self._param_label(gi, j, p)}; "
+                "on_nonfinite='raise' stopped the step before any parameter, momentum buffer or "
+                "tracking state changed"
+            )
+
+    # -- tracking API ----------------------------------------------------------------------
+    def reset_tracking(self) -> None:
+        """Start tracking afresh: θ_0 := the current parameters (h0, scale0 evaluated now)."""
+        if self._tracker is None:
+            raise RuntimeError("this optimizer tracks no laws: pass laws=consopt.find_laws(...) to consopt.SGD")
+        self._tracker.reset()
+
+    @property
+    def tracking_backend(self) -> str | None:
+        """How h(θ_t) is computed after each step (None without laws):
+
+        "eager" (default): chunked float64 torch ops (``consopt.functional.LawEvaluator``).
+        "compile": the per-parameter statistics in one ``torch.compile``d graph (one fused pass
+        over each parameter; the first step compiles, which takes seconds; falls back to
+        "eager" with a warning if compilation fails). Both match a float64 re-evaluation to
+        ~1e-15 × scale; bitwise reproducibility (e.g. of a resumed run) holds within a backend.
+        """
+        return None if self._tracker is None else self._tracker.evaluator.backend
+
+    @tracking_backend.setter
+    def tracking_backend(self, value: str) -> None:
+        if self._tracker is None:
+            raise RuntimeError("this optimizer tracks no laws: pass laws=consopt.find_laws(...) to consopt.SGD")
+        self._tracker.evaluator.backend = value
+
+    @property
+    def tracked_steps(self) -> int:
+        """Number of steps applied since θ_0 (skipped GradScaler steps are not counted)."""
+        return 0 if self._tracker is None or not self._tracker.started else self._tracker.num_steps()
+
+    def deviation(self) -> dict:
+        """{family: h(θ_t) − h(θ_0)} as float64 tensors, same keys and shapes as ``laws.evaluate``.
+
+        θ_t is the state after the last step. Before the first step (tracking not started) every
+        deviation is 0. Without laws: {}.
+        """
+        if self._tracker is None:
+            return {}
+        return self._tracker.deviation()
+
+    def deviation_stats(self) -> dict:
+        """Flat {str: float} for loggers. For every family f, with dev = h(θ_t) − h(θ_0):
+
+            f"{f}/max_abs" = max_i |dev_i|
+            f"{f}/max_rel" = max_i |dev_i| / max(|h(θ_0)_i|, 1e-12 · scale0_i)
+
+        scale0_i = Σ of the absolute terms of function i at θ_0 (``laws.scale``); where that
+        denominator is 0 the ratio is 0 if dev_i = 0, else inf. Plus "step": the number of
+        tracked steps. Costs one host sync. Without laws: {}.
+        """
+        if self._tracker is None:
+            return {}
+        return self._tracker.stats()
+
+    # -- checkpointing ---------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """torch.optim.SGD's state dict, plus tracking state under the extra key "consopt".
+
+        ``state_dict()["consopt"]`` = {"version", "families", "started", "steps", "h0", "h",
+        "scale0"} (float64 tensors per family); loadable with ``torch.load(weights_only=True)``.
+        torch.optim.SGD ignores the extra key.
+        """
+        sd = super().state_dict()
+        if self._tracker is not None:
+            sd[_STATE_KEY] = self._tracker.state_dict()
+        return sd
+
+    def load_state_dict(self, state_dict) -> None:
+        """torch.optim.SGD's load_state_dict; also restores tracking state if present.
+
+        A state dict without tracking state (e.g. from torch.optim.SGD) restarts tracking at the
+        next step. Tracking state is validated before anything is loaded.
+        """
+        prepared = None
+        if self._tracker is not None and isinstance(state_dict, Mapping):
+            prepared = self._tracker.prepare(state_dict.get(_STATE_KEY))
+        super().load_state_dict(state_dict)
+        if self._tracker is not None:
+            self._tracker.load(prepared)

@@ -1,0 +1,223 @@
+"""Projection mode (symmetry / Euclidean) and the gradient-flow reference (float64 models)."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import consopt
+from consopt import models as M
+from consopt.projection import project
+
+DEV_TOL = 1e-10
+
+
+def mse(o, t):
+    return ((o - t) ** 2).mean()
+
+
+def cases():
+    # (name, model factory, inputs, targets, loss_fn, find_laws loss, output map for "same function")
+    g = torch.Generator().manual_seed(123)
+    yield ("mlp", lambda: M.MLP([5, 7, 6, 3]), torch.randn(8, 5, generator=g), torch.randn(8, 3, generator=g),
+           mse, None, lambda o: o)
+    yield ("cnn-bn", lambda: M.resnet_small(in_channels=1, width=4), torch.randn(8, 1, 8, 8, generator=g),
+           torch.randint(0, 10, (8,), generator=g), F.cross_entropy, "cross_entropy", lambda o: o.softmax(-1))
+    yield ("attention", lambda: M.TransformerClassifier(vocab=17, seq_len=6, d_model=8, nhead=2, layers=1, dim_ff=12),
+           torch.randint(0, 17, (8, 6), generator=g), torch.randint(0, 10, (8,), generator=g), F.cross_entropy,
+           "cross_entropy", lambda o: o.softmax(-1))
+    yield ("llama", lambda: M.LlamaClassifier(d=16, n_heads=4, n_kv_heads=2, hidden=12),
+           torch.randint(0, 17, (8, 6), generator=g), torch.randint(0, 10, (8,), generator=g), F.cross_entropy,
+           "cross_entropy", lambda o: o.softmax(-1))
+    yield ("residual", lambda: M.ResidualMLP(4, 5, 7, 3), torch.randn(8, 4, generator=g),
+           torch.randn(8, 3, generator=g), mse, None, lambda o: o)
+
+
+CASES = {c[0]: c for c in cases()}
+
+
+def setup(name, seed=0):
+    _, make, x, y, loss_fn, loss, fmap = CASES[name]
+    torch.manual_seed(seed)
+    m = make().double().train()
+    x = x.double() if x.is_floating_point() else x
+    laws = consopt.find_laws(m, (x,), loss=loss)
+    return m, x, y, loss_fn, laws, fmap
+
+
+def rel_dev(laws, model, h0):
+    vals, sc = laws.evaluate(model), laws.scale(model)
+    return max(float(((vals[k] - h0[k]).abs() / sc[k].clamp_min(1e-300)).max()) for k in vals)
+
+
+@pytest.mark.parametrize("mode", ["symmetry", "euclidean"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_projected_steps_stay_on_the_level_set(name, mode):
+    m, x, y, loss_fn, laws, _ = setup(name)
+    h0 = laws.evaluate(m)
+    opt = consopt.SGD(m.parameters(), lr=0.05, momentum=0.9, laws=laws, projection=mode)
+    plain = copy.deepcopy(m)
+    popt = torch.optim.SGD(plain.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(4):
+        for model, o in ((m, opt), (plain, popt)):
+            o.zero_grad()
+            loss_fn(model(x), y).backward()
+            o.step()
+        assert rel_dev(laws, m, h0) <= DEV_TOL
+        dev = opt.deviation()
+        for k, v in dev.items():
+            assert float((v.abs() / laws.scale(m)[k].clamp_min(1e-300)).max()) <= DEV_TOL
+    # the unprojected run really drifts, so the test above is not vacuous
+    assert rel_dev(laws, plain, h0) > 1e-6
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_symmetry_projection_keeps_the_function(name):
+    m, x, y, loss_fn, laws, fmap = setup(name)
+    h0 = laws.evaluate(m)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    opt.zero_grad()
+    loss_fn(m(x), y).backward()
+    opt.step()
+    torch.manual_seed(7)
+    before = fmap(m(x)).detach()
+    assert rel_dev(laws, m, h0) > 1e-7
+    stats = project(laws, dict(m.named_parameters()), h0, "symmetry")
+    assert stats.converged and stats.skipped == 0
+    torch.manual_seed(7)
+    after = fmap(m(x)).detach()
+    assert float((after - before).norm() / before.norm()) <= 1e-10
+    assert rel_dev(laws, m, h0) <= DEV_TOL
+
+
+def test_euclidean_is_nearer_than_symmetry_and_satisfies_lagrange():
+    m, x, y, loss_fn, laws, _ = setup("mlp")
+    h0 = laws.evaluate(m)
+    opt = torch.optim.SGD(m.parameters(), lr=0.2)
+    opt.zero_grad()
+    loss_fn(m(x), y).backward()
+    opt.step()
+    theta = {n: p.detach().clone() for n, p in m.named_parameters()}
+    results = {}
+    for mode in ("symmetry", "euclidean"):
+        mm = copy.deepcopy(m)
+        project(laws, dict(mm.named_parameters()), h0, mode)
+        results[mode] = {n: p.detach().clone() for n, p in mm.named_parameters()}
+        assert rel_dev(laws, mm, h0) <= DEV_TOL
+    dist = {k: sum(float(((v[n] - theta[n]) ** 2).sum()) for n in theta) for k, v in results.items()}
+    assert dist["euclidean"] < dist["symmetry"]
+    # KKT: θ_e − θ = Σ_f Σ_j μ_fj ∇h_fj(θ_e). Check it by least squares over the law gradients.
+    mm = copy.deepcopy(m)
+    for n, p in mm.named_parameters():
+        p.data.copy_(results["euclidean"][n])
+    params = dict(mm.named_parameters())
+    grads = []
+    for f in laws:
+        h = f.value(params)
+        for j in range(h.numel()):
+            g = torch.autograd.grad(h.reshape(-1)[j], list(params.values()), retain_graph=True, allow_unused=True)
+            grads.append(torch.cat([(gi if gi is not None else torch.zeros_like(p)).reshape(-1)
+                                    for gi, p in zip(g, params.values())]))
+    G = torch.stack(grads, 1)
+    d = torch.cat([(results["euclidean"][n] - theta[n]).reshape(-1) for n in theta])
+    coef = torch.linalg.lstsq(G, d[:, None]).solution
+    assert float((G @ coef - d[:, None]).norm() / d.norm()) < 1e-6
+
+
+def test_momentum_is_transported_by_the_symmetry_action():
+    m, x, y, loss_fn, laws, _ = setup("mlp")
+    h0 = laws.evaluate(m)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(2):
+        opt.zero_grad()
+        loss_fn(m(x), y).backward()
+        opt.step()
+    params = dict(m.named_parameters())
+    bufs = {n: opt.state[p]["momentum_buffer"] for n, p in params.items()}
+    before_p = {n: p.detach().clone() for n, p in params.items()}
+    before_b = {n: b.clone() for n, b in bufs.items()}
+    project(laws, params, h0, "symmetry", buffers=bufs)
+    # For the first hidden layer: row j of fc0 (weight and bias) is scaled by a_j, column j of fc2 by 1/a_j;
+    # the buffers by exactly the same factors.
+    a = params["0.weight"].detach()[:, 0] / before_p["0.weight"][:, 0]
+    torch.testing.assert_close(bufs["0.weight"], before_b["0.weight"] * a[:, None], rtol=1e-12, atol=0)
+    torch.testing.assert_close(bufs["0.bias"], before_b["0.bias"] * a, rtol=1e-12, atol=0)
+    assert float((a - 1).abs().max()) > 1e-8
+
+
+def test_dead_unit_is_skipped_and_counted():
+    m, x, y, loss_fn, laws, _ = setup("mlp")
+    with torch.no_grad():
+        m[0].weight[3] = 0
+        m[0].bias[3] = 0
+        m[2].weight[:, 3] = 0
+    h0 = laws.evaluate(m)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 1e-3)
+        m[0].weight[3] = 0
+        m[0].bias[3] = 0
+        m[2].weight[:, 3] = 0
+    stats = project(laws, dict(m.named_parameters()), h0, "symmetry")
+    assert stats.skipped >= 1
+    assert all(torch.isfinite(p).all() for p in m.parameters())
+    vals = laws.evaluate(m)
+    others = [j for j in range(7) if j != 3]
+    fam = [f for f in laws if f.modules[0] == "0"][0].name
+    torch.testing.assert_close(vals[fam][others], h0[fam][others], rtol=0, atol=1e-10 * float(laws.scale(m)[fam].max()))
+
+
+def test_translation_projection_is_a_shift():
+    m = nn.Sequential(nn.Linear(5, 6), nn.LayerNorm(6), nn.Linear(6, 3)).double()
+    laws = consopt.find_laws(m, (torch.randn(2, 5, dtype=torch.float64),))
+    fam = laws["translation:0"]
+    h0 = laws.evaluate(m)
+    with torch.no_grad():
+        m[0].weight.add_(torch.randn_like(m[0].weight) * 0.01)
+        m[0].bias.add_(torch.randn_like(m[0].bias) * 0.01)
+    w_before = m[0].weight.detach().clone()
+    x = torch.randn(4, 5, dtype=torch.float64)
+    out = m(x).detach()
+    project(laws.subset([fam.name]), dict(m.named_parameters()), h0, "symmetry")
+    diff = m[0].weight.detach() - w_before
+    torch.testing.assert_close(diff, diff[:1].expand_as(diff), rtol=0, atol=1e-15)  # W + 1vᵀ
+    torch.testing.assert_close(laws.evaluate(m)[fam.name], h0[fam.name], rtol=0, atol=1e-13)
+    torch.testing.assert_close(m(x).detach(), out, rtol=1e-10, atol=1e-12)  # LayerNorm absorbs it
+
+
+# ---------------------------------------------------------------------------------------------
+# gradient-flow reference
+# ---------------------------------------------------------------------------------------------
+def test_flow_conserves_every_law_and_sgd_converges_to_it_linearly():
+    from consopt.flow import compare, format_comparison, gradient_flow
+
+    torch.manual_seed(0)
+    # a linear network: its flow is smooth (ReLU kinks make adaptive solvers crawl at tight tolerances)
+    m = nn.Sequential(nn.Linear(3, 5), nn.Linear(5, 2)).double().train()
+    x = torch.randn(16, 3, dtype=torch.float64)
+    y = torch.randn(16, 2, dtype=torch.float64)
+    laws = consopt.find_laws(m, (x,))
+    T = 0.32
+    lrs = [0.02, 0.01, 0.005]
+    res = compare(m, x, y, mse, T, lrs, laws=laws, checkpoints=2, rtol=1e-10, atol=1e-12)
+    assert max(res["flow"]["law_dev"]) < 1e-7
+    final = {(r["lr"], r["mode"]): r for r in res["runs"]}
+    dist = [final[(lr, "plain")]["param_dist"][-1] for lr in lrs]
+    slope = np.polyfit(np.log(lrs), np.log(dist), 1)[0]
+    assert abs(slope - 1.0) <= 0.2, (slope, dist)
+    for lr in lrs:
+        for mode in ("symmetry", "euclidean"):
+            r = final[(lr, mode)]
+            assert max(r["law_dev"]) <= DEV_TOL
+            ratio = r["param_dist"][-1] / final[(lr, "plain")]["param_dist"][-1]
+            assert 0.2 < ratio < 5, (lr, mode, ratio)
+        assert final[(lr, "plain")]["law_dev"][-1] > 1e-8
+    text = format_comparison(res)
+    assert "symmetry" in text and "flow" in text
+    # the flow itself, at t = 0, is the starting point
+    start = gradient_flow(m, x, y, mse, [0.0, 0.01])[0]
+    for n, p in m.named_parameters():
+        assert torch.equal(start[n], p.detach())
