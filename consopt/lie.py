@@ -265,11 +265,10 @@ def _channel_view(t, ndim):
     return t.reshape(1, -1, *([1] * (ndim - 2))) if ndim >= 2 else t
 
 
-def _batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
-                eps=1e-5):
+def _normalize(input, dims, running_mean, running_var, use_batch_stats, weight, bias, eps):
+    """(x − μ) / √(σ² + eps) · γ + β over `dims`, written with plain tensor ops (exact higher derivatives)."""
     nd = input.dim()
-    if training or running_mean is None or running_var is None:
-        dims = tuple(d for d in range(nd) if d != 1)
+    if use_batch_stats or running_mean is None or running_var is None:
         mu = input.mean(dims, keepdim=True)
         xc = input - mu
         var = (xc * xc).mean(dims, keepdim=True)
@@ -282,25 +281,18 @@ def _batch_norm(input, running_mean, running_var, weight=None, bias=None, traini
     if bias is not None:
         y = y + _channel_view(bias, nd)
     return y
+
+
+def _batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
+                eps=1e-5):
+    dims = tuple(d for d in range(input.dim()) if d != 1)
+    return _normalize(input, dims, running_mean, running_var, training, weight, bias, eps)
 
 
 def _instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True,
                    momentum=0.1, eps=1e-5):
-    nd = input.dim()
-    if use_input_stats or running_mean is None:
-        dims = tuple(range(2, nd))
-        mu = input.mean(dims, keepdim=True)
-        xc = input - mu
-        var = (xc * xc).mean(dims, keepdim=True)
-    else:
-        xc = input - _channel_view(running_mean, nd)
-        var = _channel_view(running_var, nd)
-    y = xc * torch.rsqrt(var + eps)
-    if weight is not None:
-        y = y * _channel_view(weight, nd)
-    if bias is not None:
-        y = y + _channel_view(bias, nd)
-    return y
+    return _normalize(input, tuple(range(2, input.dim())), running_mean, running_var, use_input_stats, weight,
+                      bias, eps)
 
 
 def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
