@@ -8,6 +8,7 @@ optimizer also records h(θ_0) when tracking starts and h(θ_t) after every step
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Mapping
 
 import torch
@@ -24,6 +25,7 @@ _PROJECTIONS = ("symmetry", "euclidean")
 _NONFINITE = ("propagate", "raise")
 _STATE_KEY = "consopt"
 _STATE_VERSION = 1
+_FALLBACK = object()  # _fused_step could not run: take the PyTorch path
 
 
 class _LawTracker:
@@ -208,6 +210,7 @@ class SGD(torch.optim.SGD):
         self._flat = None  # FlatGroup per param group on the fused path
         self._compiled = None
         self._published = {}  # id(p) -> the momentum view we put in self.state[p]
+        self._fused_ok = False  # a fused step has completed (kernels compiled and ran)
         if laws is not None:
             self._tracker = _LawTracker(laws, self._bind(laws))
 
@@ -265,6 +268,7 @@ class SGD(torch.optim.SGD):
         d.setdefault("_tracker", None)
         d.setdefault("projection_stats", None)
         d["_use_fused"], d["_flat"], d["_compiled"], d["_published"] = None, None, None, {}
+        d["_fused_ok"] = False
         d.setdefault("_force_triton", False)
         if d["_law_names"] is None:
             d["_law_names"] = {}
@@ -298,11 +302,14 @@ class SGD(torch.optim.SGD):
 
         # Dispatch point: the PyTorch path today; a fused kernel (update + law statistics in
         # one pass) slots in here and returns the new law values itself.
+        values = None
         if self._step_impl() == "fused":
             values = self._fused_step()
+            if values is _FALLBACK:
+                values = None
+                self._torch_step()
         else:
             self._torch_step()
-            values = None
 
         if self.projection is not None and tracker is not None:
             if found_inf is None or not bool(found_inf.item()):  # a skipped step moved nothing
@@ -369,13 +376,38 @@ class SGD(torch.optim.SGD):
         self._sync_momentum_in()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        for group, flat in zip(self.param_groups, self._flat):
-            fused_sgd_step(flat, group["lr"], momentum=group["momentum"], dampening=group["dampening"],
-                           weight_decay=group["weight_decay"], nesterov=group["nesterov"],
-                           maximize=group["maximize"], grad_scale=grad_scale, found_inf=found_inf,
-                           compiled_laws=self._compiled, finish=False)
+        snapshot = None
+        if not self._fused_ok:
+            # First fused step: kernels compile now. If that fails (e.g. a Triton version without
+            # some feature), restore the buffers and fall back to the PyTorch path for good.
+            snapshot = [(b.param.clone(), b.grad.clone() if b.grad is not None else None,
+                         b.mom.clone() if b.mom is not None else None) for f in self._flat for b in f.buffers]
+        try:
+            for group, flat in zip(self.param_groups, self._flat):
+                fused_sgd_step(flat, group["lr"], momentum=group["momentum"], dampening=group["dampening"],
+                               weight_decay=group["weight_decay"], nesterov=group["nesterov"],
+                               maximize=group["maximize"], grad_scale=grad_scale, found_inf=found_inf,
+                               compiled_laws=self._compiled, finish=False)
+            values = self._compiled.finish() if self._compiled is not None else None
+        except Exception as e:  # noqa: BLE001 - only on the very first fused step, see above
+            if snapshot is None:
+                raise
+            with torch.no_grad():
+                bufs = [b for f in self._flat for b in f.buffers]
+                for b, (p0, g0, m0) in zip(bufs, snapshot):
+                    b.param.copy_(p0)
+                    if g0 is not None:
+                        b.grad.copy_(g0)
+                    if m0 is not None and b.mom is not None:
+                        b.mom.copy_(m0)
+            warnings.warn(f"consopt.SGD: the fused Triton step failed on its first use ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}); using the PyTorch path instead",
+                          RuntimeWarning, stacklevel=3)
+            self._use_fused = False
+            return _FALLBACK
+        self._fused_ok = True
         self._sync_momentum_out()
-        return self._compiled.finish() if self._compiled is not None else None
+        return values
 
     def _sync_momentum_in(self) -> None:
         """Adopt momentum buffers that load_state_dict (or the user) put into self.state."""

@@ -76,3 +76,30 @@ def test_fused_path_resumes_from_a_torch_state_dict_and_skips_params_without_gra
     t2 = torch.optim.SGD(copy.deepcopy(ref).parameters(), lr=0.05, momentum=0.9)
     t2.load_state_dict(opt.state_dict())
     assert set(t2.state_dict()["state"]) == set(topt.state_dict()["state"])
+
+
+def test_first_fused_step_failure_restores_and_falls_back(monkeypatch):
+    import consopt.fused as fused
+
+    def broken(group, *a, **k):
+        for b in group.buffers:  # scribble, then fail as a kernel that cannot compile would
+            b.param.add_(1.0)
+            if b.mom is not None:
+                b.mom.add_(1.0)
+        raise RuntimeError("simulated Triton compilation error")
+
+    monkeypatch.setattr(fused, "fused_sgd_step", broken)
+    ref = tiny()
+    m = copy.deepcopy(ref)
+    laws = consopt.find_laws(m, (torch.randn(2, 5),))
+    opt = consopt.SGD(m.parameters(), lr=0.05, momentum=0.9, laws=laws)
+    opt._force_triton = True
+    topt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
+    with pytest.warns(RuntimeWarning, match="simulated Triton compilation error"):
+        run(m, opt, 1)
+    run(m, opt, 2, start=1)
+    run(ref, topt, 3)
+    assert opt._step_impl() == "torch"
+    for p, q in zip(m.parameters(), ref.parameters()):
+        assert torch.equal(p, q)
+    assert opt.tracked_steps == 3
