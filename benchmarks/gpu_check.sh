@@ -19,7 +19,7 @@ print("device", torch.cuda.get_device_name() if torch.cuda.is_available() else "
 PYEOF
 
 t0=$(date +%s)
-timeout 200 "$PY" -m pytest tests/test_kernels.py tests/test_fused.py -q -x -p no:cacheprovider \
+timeout 200 "$PY" -m pytest tests/test_kernels.py tests/test_fused.py tests/test_sgd_fused.py -q -x -p no:cacheprovider \
     2>&1 | tee "$OUT/gpu_tests.log" | tail -25
 test_rc=${PIPESTATUS[0]}
 echo "tests: exit $test_rc in $(( $(date +%s) - t0 )) s"

@@ -5,6 +5,7 @@ The optimizer takes this path on CUDA; `_force_triton` makes it take it here so 
 """
 
 import copy
+import os
 
 import pytest
 import torch
@@ -13,14 +14,19 @@ import torch.nn as nn
 import consopt
 
 
+# With CONSOPT_TEST_GPU=1 on a CUDA machine (benchmarks/gpu_check.sh) the same tests run on the GPU,
+# where the fused path is the default; on the CPU `_force_triton` routes them through the interpreter.
+DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("CONSOPT_TEST_GPU") == "1" else "cpu"
+
+
 def tiny():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3), nn.ReLU(), nn.Linear(3, 2))
+    return nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3), nn.ReLU(), nn.Linear(3, 2)).to(DEVICE)
 
 
 def batch(k):
     g = torch.Generator().manual_seed(100 + k)
-    return torch.randn(6, 5, generator=g), torch.randn(6, 2, generator=g)
+    return torch.randn(6, 5, generator=g).to(DEVICE), torch.randn(6, 2, generator=g).to(DEVICE)
 
 
 def run(model, opt, steps, start=0, set_to_none=True):
@@ -36,7 +42,7 @@ def run(model, opt, steps, start=0, set_to_none=True):
 def test_fused_path_matches_torch_and_tracks_exactly(kw):
     ref = tiny()
     m = copy.deepcopy(ref)
-    laws = consopt.find_laws(m, (torch.randn(2, 5),))
+    laws = consopt.find_laws(m, (torch.randn(2, 5, device=DEVICE),))
     opt = consopt.SGD(m.parameters(), lr=0.05, laws=laws, **kw)
     opt._force_triton = True
     topt = torch.optim.SGD(ref.parameters(), lr=0.05, foreach=False, **kw)
@@ -62,7 +68,7 @@ def test_fused_path_resumes_from_a_torch_state_dict_and_skips_params_without_gra
     topt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9, foreach=False)
     run(ref, topt, 2)
     m.load_state_dict(ref.state_dict())
-    laws = consopt.find_laws(m, (torch.randn(2, 5),))
+    laws = consopt.find_laws(m, (torch.randn(2, 5, device=DEVICE),))
     opt = consopt.SGD(m.parameters(), lr=0.05, momentum=0.9, laws=laws)
     opt._force_triton = True
     opt.load_state_dict(topt.state_dict())
@@ -91,7 +97,7 @@ def test_first_fused_step_failure_restores_and_falls_back(monkeypatch):
     monkeypatch.setattr(fused, "fused_sgd_step", broken)
     ref = tiny()
     m = copy.deepcopy(ref)
-    laws = consopt.find_laws(m, (torch.randn(2, 5),))
+    laws = consopt.find_laws(m, (torch.randn(2, 5, device=DEVICE),))
     opt = consopt.SGD(m.parameters(), lr=0.05, momentum=0.9, laws=laws)
     opt._force_triton = True
     topt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
