@@ -134,6 +134,11 @@ class RunResult:
     loss: list = field(default_factory=list)
     seconds: float = 0.0
 
+    @property
+    def label(self) -> str:
+        """The table/plot key: the model, and the projection mode when there is one."""
+        return self.model if self.projection == "none" else f"{self.model}[{self.projection}]"
+
 
 def _family_norms(dev: dict, h0: dict):
     rel, ab = {}, {}
@@ -202,7 +207,7 @@ def summarize(runs, mode, orders=None):
     orders = orders or {}
     out = {}
     for r in runs:
-        m = out.setdefault(r.model, {})
+        m = out.setdefault(r.label, {})
         for fam, series in r.rel.items():
             d = m.setdefault(fam, {"lr": [], "final_rel": [], "final_abs": []})
             d["lr"].append(r.lr)
@@ -221,7 +226,9 @@ def summarize(runs, mode, orders=None):
                 per_lr[lr] = (float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0)
             slope, ci = fit_slope(d["lr"], vals)
             # Linear (order-1) laws are kept exactly by every plain SGD step: only rounding remains.
-            theory = "exact" if orders.get((model, fam)) == 1 else THEORY_SLOPE[mode]
+            theory = "exact" if orders.get((model.split("[")[0], fam)) == 1 else THEORY_SLOPE[mode]
+            if "[" in model:
+                theory = "projected"  # held at h(θ_0) up to the parameters' float rounding
             if fam.startswith("paper:"):
                 theory = "not a law"  # the paper's quantity, tracked for comparison
             table[model][fam] = dict(metric="abs" if use_abs else "rel", per_lr=per_lr, slope=slope, ci95=ci,
@@ -257,13 +264,13 @@ def plot(table, runs, task_by_name, out_dir, mode):
 
     paths = []
     for model, fams in table.items():
-        task = task_by_name[model]
+        task = task_by_name[model.split("[")[0]]
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
         head = task.headline if task.headline in fams else next(iter(fams))
-        lrs = sorted({r.lr for r in runs if r.model == model})
+        lrs = sorted({r.lr for r in runs if r.label == model})
         cmap = plt.get_cmap("viridis")
         for i, lr in enumerate(lrs):
-            series = np.array([r.rel[head] for r in runs if r.model == model and r.lr == lr])
+            series = np.array([r.rel[head] for r in runs if r.label == model and r.lr == lr])
             mean = series.mean(0)
             steps = np.arange(1, len(mean) + 1)
             ax1.plot(steps, mean, color=cmap(i / max(1, len(lrs) - 1)), label=f"lr={lr:g}")
@@ -299,7 +306,7 @@ def plot(table, runs, task_by_name, out_dir, mode):
         ax2.set_title(f"{model}: final deviation vs learning rate")
         ax2.legend(fontsize=7)
         fig.tight_layout()
-        path = os.path.join(out_dir, f"drift_{model}.png")
+        path = os.path.join(out_dir, f"drift_{model.replace('[', '_').replace(']', '')}.png")
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)

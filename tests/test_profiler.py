@@ -71,6 +71,16 @@ def test_fixed_time_slope_is_one(tmp_path):
     assert abs(table["mlp"]["rescale:0"]["slope"] - 1.0) <= 0.25, table["mlp"]["rescale:0"]
 
 
+def test_projection_modes_are_summarized_separately(tmp_path):
+    result, table, pngs = profiler.profile(["mlp"], [0.02, 0.05, 0.1], seeds=1, steps=3, batch=16,
+                                           projections=("none", "symmetry"), out_dir=str(tmp_path), progress=False)
+    assert set(table) == {"mlp", "mlp[symmetry]"} and len(pngs) == 2
+    plain, proj = table["mlp"]["rescale:0"], table["mlp[symmetry]"]["rescale:0"]
+    assert proj["theory"] == "projected"
+    for lr in (0.05, 0.1):  # projected runs stay at float32 rounding, far below the plain drift
+        assert proj["per_lr"][lr][0] < 1e-5 < plain["per_lr"][lr][0]
+
+
 def test_fit_slope_recovers_a_power_law():
     rng = np.random.default_rng(0)
     lrs = np.repeat([0.01, 0.02, 0.05, 0.1], 3)
