@@ -18,7 +18,9 @@ Two modes (SPEC §4, `consopt.SGD(..., projection=...)`):
   (translation) and scale cases coincide with the symmetry projection.
 
 Families share parameters (a layer's rows belong to one law, its columns to the next), so
-rounds over all families repeat until every residual is below `tol` × the family's scale.
+rounds over all families repeat until every residual is below `tol` × the family's scale
+(`tol` is raised to 2 × the machine epsilon of float32/bf16/fp16 parameters: their stored values
+cannot get much closer; rounds also stop when the residual stops shrinking).
 
 Momentum buffers are transported by the symmetry action itself: a buffer is a velocity
 (−Δθ/τ), and under a linear change of coordinates θ' = gθ velocities map as v' = g v, so each
@@ -196,10 +198,15 @@ def project(laws: LawSet, params: dict, h0: dict, mode: str = "symmetry", buffer
         raise ValueError(f"projection must be 'symmetry' or 'euclidean', got {mode!r}")
     euclid = mode == "euclidean"
     stats = ProjectionStats()
+    # Parameters stored in float32/bf16 cannot hold h(θ_0) closer than their own rounding: aim for
+    # that floor instead of iterating to max_rounds on every step.
+    eps = max(torch.finfo(params[n].dtype).eps for n in laws.param_names) if laws.param_names else 0.0
+    tol = max(tol, 2 * eps) if eps > torch.finfo(torch.float64).eps else tol
     with torch.no_grad():
         scales = {f.name: f.value(params, absolute=True).clamp_min(1e-300) for f in laws.families}
     if euclid:
         return _euclidean(laws, params, h0, scales, tol, max_rounds)
+    history = []
     with torch.no_grad():
         for rnd in range(max_rounds):
             ok = {}
@@ -230,6 +237,9 @@ def project(laws: LawSet, params: dict, h0: dict, mode: str = "symmetry", buffer
             stats.max_residual = res
             if res <= tol:
                 break
+            history.append(res)
+            if len(history) >= 4 and history[-1] > 0.9 * history[-4]:
+                break  # stagnating at the storage precision
         stats.converged = stats.max_residual <= tol
     return stats
 
