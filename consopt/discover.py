@@ -52,7 +52,6 @@ class _Channels:
         self.terms = []  # (id, param, axis, sign, positions tuple)
         self.unions = []  # (ids_a ndarray, ids_b ndarray, parity)
         self.restricts = []  # (ids ndarray, level)
-        self.origin = {}  # first id -> node name (for naming)
 
     def new(self, n: int, level: int) -> torch.Tensor:
         base = self.n
@@ -141,10 +140,9 @@ def _is_tagged(t) -> bool:
 # The walk
 # ----------------------------------------------------------------------------------------------
 class _Walk:
-    def __init__(self, gm, param_of: dict, loss):
+    def __init__(self, gm, param_of: dict):
         self.gm = gm
         self.param_of = param_of  # placeholder node name -> parameter FQN
-        self.loss = loss
         self.ch = _Channels()
         self.tags = {}  # node -> tag tensor | tuple | None
         self.param_users = defaultdict(set)
@@ -288,7 +286,6 @@ def _linear(w: _Walk, node):
     ids, out = w.new_out(shape[-1], GL, shape, len(shape) - 1)
     B = w.param(bias, node) if bias is not None else None
     w.add_producers(node, ids, [(W, 0), (B, 0)])
-    w.ch.origin[int(ids[0])] = node.name
     w.producers.append(dict(node=node, W=W, w_axis=0, B=B, dim=len(shape) - 1, n=shape[-1], kind="linear"))
     return out
 
@@ -301,9 +298,7 @@ def _conv(w: _Walk, node):
     transposed = name.startswith("conv_transpose") or (name == "convolution" and bool(node.args[6]))
     if name == "convolution":
         groups = node.args[8]
-    elif name.startswith("conv_transpose"):
-        groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
-    else:
+    else:  # convNd and conv_transposeNd both take groups at position 6
         groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
     W = w.param(weight, node)
     shape = w.shape(node)
@@ -317,7 +312,6 @@ def _conv(w: _Walk, node):
     ids, out = w.new_out(shape[1], GL, shape, 1)
     B = w.param(bias, node) if bias is not None else None
     w.add_producers(node, ids, [(W, out_axis), (B, 0)])
-    w.ch.origin[int(ids[0])] = node.name
     w.producers.append(dict(node=node, W=W, w_axis=out_axis, B=B, dim=1, n=shape[1], kind="conv"))
     return out
 
@@ -331,7 +325,6 @@ def _embedding(w: _Walk, node):
         return None
     ids, out = w.new_out(shape[-1], GL, shape, len(shape) - 1)
     w.add_producers(node, ids, [(W, 1)])
-    w.ch.origin[int(ids[0])] = node.name
     w.producers.append(dict(node=node, W=W, w_axis=1, B=None, dim=len(shape) - 1, n=shape[-1], kind="embedding"))
     return out
 
@@ -357,7 +350,6 @@ def _norm(channel_dim, weight_idx, bias_idx, check_training=None):
         else:
             ids, out = w.new_out(shape[dim], DIAG, shape, dim)
             w.add_producers(node, ids, [(G, 0), (B, 0)])
-            w.ch.origin[int(ids[0])] = node.name
             w.producers.append(dict(node=node, W=G, w_axis=0, B=B, dim=dim, n=shape[dim], kind="norm"))
         if isinstance(node.meta.get("val"), (tuple, list)):
             return (out,) + (None,) * (len(node.meta["val"]) - 1)
@@ -677,7 +669,6 @@ def _mul(w: _Walk, node):
         mapping[ids_in] = new
         out = torch.where(comp >= 0, mapping[comp.clamp_min(0)], comp)
         _param_axis_term(w, out, shape, other, P, +1)
-        w.ch.origin[int(new[0])] = node.name
         return _compress(out)
     # Multiplication by data (a gate, a mask): commutes with diagonal scaling only.
     w.ch.restrict(t, DIAG)
@@ -699,7 +690,6 @@ def _param_times_data(w: _Walk, node, a, b, shape):
         lead = len(shape) - len(pshape)
         ids, out = w.new_out(pshape[axis], DIAG, shape, lead + axis)
         w.ch.term(ids, None, P, axis, +1)
-        w.ch.origin[int(ids[0])] = node.name
         w.producers.append(dict(node=node, W=P, w_axis=axis, B=None, dim=lead + axis, n=pshape[axis], kind="norm"))
         return out
     return None
@@ -716,7 +706,7 @@ def _batch_labels(w: _Walk, t: torch.Tensor, nbatch: int, label):
         w.ch.label(flat[beta], label + (beta,))
 
 
-def _contract(w: _Walk, node, a, b, a_shape, b_shape, out_shape, kind):
+def _contract(w: _Walk, node, a, b, a_shape, b_shape, out_shape):
     """a [..., n, k] @ b [..., k, m] with broadcast batch dims (tags already expanded)."""
     ta, tb = a, b
     nb = len(out_shape) - 2
@@ -777,7 +767,6 @@ def _matmul(w: _Walk, node):
         shape = w.shape(node)
         ids, out = w.new_out(shape[-1], GL, shape, len(shape) - 1)
         w.add_producers(node, ids, [(Pb, 1)])
-        w.ch.origin[int(ids[0])] = node.name
         w.producers.append(dict(node=node, W=Pb, w_axis=1, B=None, dim=len(shape) - 1, n=shape[-1], kind="linear"))
         return out
     if w.param(a, node) is not None:
@@ -789,7 +778,7 @@ def _matmul(w: _Walk, node):
     if len(a_shape) < 2 or len(b_shape) < 2:
         w.break_all(node)
         return None
-    return _contract(w, node, ta, tb, a_shape, b_shape, w.shape(node), "mm")
+    return _contract(w, node, ta, tb, a_shape, b_shape, w.shape(node))
 
 
 @rule("scaled_dot_product_attention")
@@ -812,10 +801,10 @@ def _sdpa(w: _Walk, node):
     logits_shape = tuple(out_shape[:-1]) + (ks[-2],)
     if tq is not None or tk is not None:
         kt = _expand(tk, ks).transpose(-1, -2) if tk is not None else None
-        _contract(w, node, tq, kt, qs, ks[:-2] + (ks[-1], ks[-2]), logits_shape, "qk")
+        _contract(w, node, tq, kt, qs, ks[:-2] + (ks[-1], ks[-2]), logits_shape)
     if tv is None:
         return None
-    return _contract(w, node, None, tv, logits_shape, vs, out_shape, "v")
+    return _contract(w, node, None, tv, logits_shape, vs, out_shape)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -950,13 +939,8 @@ def _resolve(walk: _Walk, param_order: dict):
             kind = "stream"
         else:
             kind = "linear" if lvl == GL else "rescale"
-        modules = []
-        for t in fam_terms:
-            m = _module_of(t.param)
-            if m not in modules:
-                modules.append(m)
         families.append(Family(name="", kind=kind, form="matrix" if lvl == GL else "diag", order=2,
-                               terms=fam_terms, modules=tuple(modules)))
+                               terms=fam_terms, modules=modules_of(fam_terms)))
     return families
 
 
@@ -967,6 +951,11 @@ def _module_of(param: str) -> str:
         if param.endswith(suffix):
             return param[: -len(suffix)]
     return param
+
+
+def modules_of(terms) -> tuple:
+    """The modules a family's terms belong to, in term order, each once."""
+    return tuple(dict.fromkeys(_module_of(t.param) for t in terms))
 
 
 def _name_families(families):
@@ -1014,6 +1003,21 @@ def _trace(model, example_inputs):
     return ep
 
 
+def check_arguments(model, example_inputs, loss, who: str) -> tuple:
+    """Validate (model, example_inputs, loss); returns example_inputs as a tuple."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"{who} expects a torch.nn.Module, got {type(model).__name__}")
+    if loss not in (None, "mse", "cross_entropy"):
+        raise ValueError(f"loss must be None, 'mse' or 'cross_entropy', got {loss!r}")
+    if torch.is_tensor(example_inputs):
+        example_inputs = (example_inputs,)
+    if isinstance(example_inputs, list):
+        example_inputs = tuple(example_inputs)
+    if not isinstance(example_inputs, tuple):
+        raise TypeError(f"example_inputs must be a tuple of positional inputs, got {type(example_inputs).__name__}")
+    return example_inputs
+
+
 def find_laws(model, example_inputs, *, loss=None, approximate=False) -> LawSet:
     """Find every conservation law of `model` from its traced training-mode graph.
 
@@ -1028,19 +1032,7 @@ def find_laws(model, example_inputs, *, loss=None, approximate=False) -> LawSet:
     Returns a LawSet bound to `model`'s parameters. Families: rescale, linear (matrix), stream,
     attention_qk, attention_vo, gate, translation, scale — SPEC §5.
     """
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"find_laws expects a torch.nn.Module, got {type(model).__name__}")
-    if loss not in (None, "mse", "cross_entropy"):
-        raise ValueError(f"loss must be None, 'mse' or 'cross_entropy', got {loss!r}")
-    if torch.is_tensor(example_inputs):
-        example_inputs = (example_inputs,)
-    if not isinstance(example_inputs, tuple):
-        if isinstance(example_inputs, list):
-            example_inputs = tuple(example_inputs)
-        else:
-            raise TypeError(
-                f"example_inputs must be a tuple of positional inputs, got {type(example_inputs).__name__}"
-            )
+    example_inputs = check_arguments(model, example_inputs, loss, "find_laws")
     for name, mod in model.named_modules():
         if not mod.training:
             what = f"module {name!r} ({type(mod).__name__})" if name else f"the model ({type(mod).__name__})"
@@ -1057,7 +1049,7 @@ def find_laws(model, example_inputs, *, loss=None, approximate=False) -> LawSet:
     sig = ep.graph_signature
     param_of = dict(sig.inputs_to_parameters)
     order = {n: i for i, n in enumerate(params)}
-    walk = _Walk(ep.graph_module, param_of, loss)
+    walk = _Walk(ep.graph_module, param_of)
     walk.run()
     families = _resolve(walk, order)
     from .discover_shift import shift_laws

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .discover import LAYOUT_OPS, _compress, _expand, _module_of, _opname, apply_layout
+from .discover import LAYOUT_OPS, _compress, _expand, _opname, apply_layout, modules_of
 from .laws import Family, Term
 
 SHIFT_PASS = {"token": {"clone", "contiguous", "alias", "_to_copy", "to", "lift_fresh_copy", "neg", "avg_pool1d",
@@ -82,155 +82,152 @@ def _propagate(nodes, start_idx, start_tag, mode, loss):
 def _node(node, carry, groups, mode, loss, broken):
     """Apply one op to the carried perturbation; False if the op breaks it (then nothing is carried)."""
     scale = mode in ("cscale", "pscale")
-    if True:
-        name = _opname(node.target) if node.op == "call_function" else node.op
-        get = lambda a: carry.get(a) if torch.is_tensor(carry.get(a)) else None
-        if node.op == "output":
-            outs = node.args[0] if isinstance(node.args[0], (tuple, list)) else (node.args[0],)
-            if mode != "token" or loss != "cross_entropy" or len(outs) != 1:
-                return False
-            t, shape = get(outs[0]), _shape(outs[0])
-            cdim = 1 if len(shape) >= 2 else 0
-            if t is None or not _full_along(t, shape):
-                return False
-            if not _constant_along(_compress(_expand(t, shape)), shape, [cdim]):
-                return False
-            return True
-        if node.op != "call_function":
+    name = _opname(node.target) if node.op == "call_function" else node.op
+    get = lambda a: carry.get(a) if torch.is_tensor(carry.get(a)) else None
+    if node.op == "output":
+        outs = node.args[0] if isinstance(node.args[0], (tuple, list)) else (node.args[0],)
+        if mode != "token" or loss != "cross_entropy" or len(outs) != 1:
             return False
-        if name == "getitem":
-            src, i = node.args
-            t = carry.get(src)
-            if isinstance(t, tuple) and i < len(t) and t[i] is not None:
-                carry[node] = t[i]
-            return True
-        if name in LAYOUT_OPS:
-            try:
-                out = apply_layout(node, get, _shape)
-            except Exception:  # noqa: BLE001
-                return False
-            if out is not None:
-                carry[node] = out
-            return True
-        shape = _shape(node)
-        if name in ("layer_norm", "native_layer_norm", "rms_norm"):
-            if mode not in ("token", "pscale") or (mode == "token" and name == "rms_norm"):
-                return False
-            if node.args[0] not in carry or len(node.args[1]) != 1:
-                return False
-            t = get(node.args[0])
-            xs = _shape(node.args[0])
-            if not _full_along(t, xs) or not _constant_along(_compress(_expand(t, xs)), xs, [len(xs) - 1]):
-                return False
-            return True  # absorbed
-        if name in ("batch_norm", "native_batch_norm", "_native_batch_norm_legit_functional", "_native_batch_norm_legit"):
-            if mode not in ("channel", "cscale") or node.args[0] not in carry or not bool(node.args[5]):
-                return False
-            t = get(node.args[0])
-            xs = _shape(node.args[0])
-            full = _compress(_expand(t, xs))
-            if not _constant_along(full, xs, [d for d in range(len(xs)) if d != 1]):
-                return False
-            return True  # absorbed per channel
-        if name in ("softmax", "_softmax", "log_softmax", "_log_softmax") and mode == "token":
-            t = get(node.args[0])
-            xs = _shape(node.args[0])
-            d = node.args[1] % len(xs)
-            if not _full_along(t, xs) or not _constant_along(_compress(_expand(t, xs)), xs, [d]):
-                return False
-            return True
-        if name in ("dropout", "native_dropout"):
-            p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
-            train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True)
-            if (train and p > 0) and not scale:
-                return False
-            t = get(node.args[0])
-            carry[node] = (t, None) if name == "native_dropout" else t
-            return True
-        if name in ("add", "sub", "rsub"):
-            a, b = node.args[0], node.args[1]
-            ta = get(a) if isinstance(a, torch.fx.Node) else None
-            tb = get(b) if isinstance(b, torch.fx.Node) else None
-            if ta is not None and tb is not None:
-                if not scale:
-                    return False
-                fa, fb = _expand(ta, shape), _expand(tb, shape)
-                if not torch.equal(fa, fb) or not bool((fa >= 0).all()):
-                    return False
-                carry[node] = _compress(fa)
-                return True
-            if scale:
-                return False  # adding an unscaled value breaks the scaling
-            carry[node] = _compress(_expand(ta if ta is not None else tb, shape))
-            return True
-        if name in ("mul", "div"):
-            a, b = node.args[0], node.args[1]
-            ta = get(a) if isinstance(a, torch.fx.Node) else None
-            tb = get(b) if isinstance(b, torch.fx.Node) else None
-            if ta is not None and tb is not None:
-                return False
-            other = b if ta is not None else a
-            if name == "div" and tb is not None:
-                return False
-            if isinstance(other, torch.fx.Node) and not scale:
-                return False  # a shift times data is no longer a shift
-            carry[node] = _compress(_expand(ta if ta is not None else tb, shape))
-            return True
-        if name in ("bmm", "matmul") and mode == "channel":
-            # q @ (k + δ)ᵀ: a per-channel shift of the contracted side, constant along the keys,
-            # adds a per-query constant to every key's logit (absorbed by a softmax over the keys).
-            a, b = node.args[0], node.args[1]
-            if b not in carry:
-                return False
-            if a in carry:  # the query side's symbols are lost; the key side's shift still passes
-                ta = get(a)
-                for v in torch.unique(ta[ta >= 0]).tolist():
-                    broken |= groups.get(v, {v})
-            tb, bs = get(b), _shape(b)
-            tb = _compress(_expand(tb, bs))
-            if tb.shape[-1] != 1 or not bool((_expand(tb, bs) >= 0).all()):
-                return False
-            members = {int(v) for v in torch.unique(tb).tolist()}
-            members = set().union(*(groups.get(v, {v}) for v in members))
-            out_shape = _shape(node)
-            base = GROUP_BASE + len(groups) * 1_000_003
-            rows = torch.arange(out_shape[-2], dtype=torch.int64)
-            for r in rows.tolist():
-                groups[base + r] = members
-            carry[node] = (base + rows).reshape([1] * (len(out_shape) - 2) + [out_shape[-2], 1])
-            return True
-        if name == "scaled_dot_product_attention" and mode == "channel":
-            q, k, v = node.args[:3]
-            if k not in carry:
-                return False
-            for side in (q, v):  # their symbols are lost; the key side's shift is absorbed
-                if side in carry:
-                    ts = get(side)
-                    for sym in torch.unique(ts[ts >= 0]).tolist():
-                        broken |= groups.get(sym, {sym})
-            tk, ks = get(k), _shape(k)
-            ck = _compress(_expand(tk, ks))
-            return ck.shape[-2] == 1 and bool((_expand(tk, ks) >= 0).all())  # absorbed by the softmax
-        if name in ("softmax", "_softmax", "log_softmax", "_log_softmax") and mode == "channel":
-            t = get(node.args[0])
-            xs = _shape(node.args[0])
-            d = node.args[1] % len(xs)
-            return bool(_full_along(t, xs)) and _constant_along(_compress(_expand(t, xs)), xs, [d])
-        if scale and name in SCALE_PASS or (not scale and name in SHIFT_PASS[mode]):
-            t = get(node.args[0])
-            xs = _shape(node.args[0])
-            val = node.meta.get("val")
-            os_ = tuple((val[0] if isinstance(val, (tuple, list)) else val).shape)
-            if os_ != xs:
-                full = _compress(_expand(t, xs))
-                if any(a != b and full.shape[d] != 1 for d, (a, b) in enumerate(zip(xs, os_))):
-                    return False
-                t = full
-            carry[node] = (t, None) if isinstance(val, (tuple, list)) else t
-            return True
-        if name == "mean" or name == "sum":
+        t, shape = get(outs[0]), _shape(outs[0])
+        cdim = 1 if len(shape) >= 2 else 0
+        if t is None or not _full_along(t, shape):
             return False
+        if not _constant_along(_compress(_expand(t, shape)), shape, [cdim]):
+            return False
+        return True
+    if node.op != "call_function":
         return False
+    if name == "getitem":
+        src, i = node.args
+        t = carry.get(src)
+        if isinstance(t, tuple) and i < len(t) and t[i] is not None:
+            carry[node] = t[i]
+        return True
+    if name in LAYOUT_OPS:
+        try:
+            out = apply_layout(node, get, _shape)
+        except Exception:  # noqa: BLE001
+            return False
+        if out is not None:
+            carry[node] = out
+        return True
+    shape = _shape(node)
+    if name in ("layer_norm", "native_layer_norm", "rms_norm"):
+        if mode not in ("token", "pscale") or (mode == "token" and name == "rms_norm"):
+            return False
+        if node.args[0] not in carry or len(node.args[1]) != 1:
+            return False
+        t = get(node.args[0])
+        xs = _shape(node.args[0])
+        if not _full_along(t, xs) or not _constant_along(_compress(_expand(t, xs)), xs, [len(xs) - 1]):
+            return False
+        return True  # absorbed
+    if name in ("batch_norm", "native_batch_norm", "_native_batch_norm_legit_functional", "_native_batch_norm_legit"):
+        if mode not in ("channel", "cscale") or node.args[0] not in carry or not bool(node.args[5]):
+            return False
+        t = get(node.args[0])
+        xs = _shape(node.args[0])
+        full = _compress(_expand(t, xs))
+        if not _constant_along(full, xs, [d for d in range(len(xs)) if d != 1]):
+            return False
+        return True  # absorbed per channel
+    if name in ("softmax", "_softmax", "log_softmax", "_log_softmax") and mode == "token":
+        t = get(node.args[0])
+        xs = _shape(node.args[0])
+        d = node.args[1] % len(xs)
+        if not _full_along(t, xs) or not _constant_along(_compress(_expand(t, xs)), xs, [d]):
+            return False
+        return True
+    if name in ("dropout", "native_dropout"):
+        p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
+        train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True)
+        if (train and p > 0) and not scale:
+            return False
+        t = get(node.args[0])
+        carry[node] = (t, None) if name == "native_dropout" else t
+        return True
+    if name in ("add", "sub", "rsub"):
+        a, b = node.args[0], node.args[1]
+        ta = get(a) if isinstance(a, torch.fx.Node) else None
+        tb = get(b) if isinstance(b, torch.fx.Node) else None
+        if ta is not None and tb is not None:
+            if not scale:
+                return False
+            fa, fb = _expand(ta, shape), _expand(tb, shape)
+            if not torch.equal(fa, fb) or not bool((fa >= 0).all()):
+                return False
+            carry[node] = _compress(fa)
+            return True
+        if scale:
+            return False  # adding an unscaled value breaks the scaling
+        carry[node] = _compress(_expand(ta if ta is not None else tb, shape))
+        return True
+    if name in ("mul", "div"):
+        a, b = node.args[0], node.args[1]
+        ta = get(a) if isinstance(a, torch.fx.Node) else None
+        tb = get(b) if isinstance(b, torch.fx.Node) else None
+        if ta is not None and tb is not None:
+            return False
+        other = b if ta is not None else a
+        if name == "div" and tb is not None:
+            return False
+        if isinstance(other, torch.fx.Node) and not scale:
+            return False  # a shift times data is no longer a shift
+        carry[node] = _compress(_expand(ta if ta is not None else tb, shape))
+        return True
+    if name in ("bmm", "matmul") and mode == "channel":
+        # q @ (k + δ)ᵀ: a per-channel shift of the contracted side, constant along the keys,
+        # adds a per-query constant to every key's logit (absorbed by a softmax over the keys).
+        a, b = node.args[0], node.args[1]
+        if b not in carry:
+            return False
+        if a in carry:  # the query side's symbols are lost; the key side's shift still passes
+            ta = get(a)
+            for v in torch.unique(ta[ta >= 0]).tolist():
+                broken |= groups.get(v, {v})
+        tb, bs = get(b), _shape(b)
+        tb = _compress(_expand(tb, bs))
+        if tb.shape[-1] != 1 or not bool((_expand(tb, bs) >= 0).all()):
+            return False
+        members = {int(v) for v in torch.unique(tb).tolist()}
+        members = set().union(*(groups.get(v, {v}) for v in members))
+        out_shape = _shape(node)
+        base = GROUP_BASE + len(groups) * 1_000_003
+        rows = torch.arange(out_shape[-2], dtype=torch.int64)
+        for r in rows.tolist():
+            groups[base + r] = members
+        carry[node] = (base + rows).reshape([1] * (len(out_shape) - 2) + [out_shape[-2], 1])
+        return True
+    if name == "scaled_dot_product_attention" and mode == "channel":
+        q, k, v = node.args[:3]
+        if k not in carry:
+            return False
+        for side in (q, v):  # their symbols are lost; the key side's shift is absorbed
+            if side in carry:
+                ts = get(side)
+                for sym in torch.unique(ts[ts >= 0]).tolist():
+                    broken |= groups.get(sym, {sym})
+        tk, ks = get(k), _shape(k)
+        ck = _compress(_expand(tk, ks))
+        return ck.shape[-2] == 1 and bool((_expand(tk, ks) >= 0).all())  # absorbed by the softmax
+    if name in ("softmax", "_softmax", "log_softmax", "_log_softmax") and mode == "channel":
+        t = get(node.args[0])
+        xs = _shape(node.args[0])
+        d = node.args[1] % len(xs)
+        return bool(_full_along(t, xs)) and _constant_along(_compress(_expand(t, xs)), xs, [d])
+    if scale and name in SCALE_PASS or (not scale and name in SHIFT_PASS[mode]):
+        t = get(node.args[0])
+        xs = _shape(node.args[0])
+        val = node.meta.get("val")
+        os_ = tuple((val[0] if isinstance(val, (tuple, list)) else val).shape)
+        if os_ != xs:
+            full = _compress(_expand(t, xs))
+            if any(a != b and full.shape[d] != 1 for d, (a, b) in enumerate(zip(xs, os_))):
+                return False
+            t = full
+        carry[node] = (t, None) if isinstance(val, (tuple, list)) else t
+        return True
+    return False
     return True
 
 
@@ -279,10 +276,5 @@ def shift_laws(walk, ep, *, loss, approximate, param_order):
             out.append(Family("", "scale", "diag", 2, terms, approximate=True,
                               note="exact only for eps = 0 in the normalization"))
     for f in out:
-        mods = []
-        for t in f.terms:
-            m = _module_of(t.param)
-            if m not in mods:
-                mods.append(m)
-        f.modules = tuple(mods)
+        f.modules = modules_of(f.terms)
     return out

@@ -83,6 +83,8 @@ from typing import Callable, Optional
 import torch
 from torch.func import functional_call, grad, jacrev, jvp, vmap
 
+from .discover import check_arguments
+
 __all__ = ["LieCount", "Certificate", "count_laws", "certify"]
 
 _EPS = torch.finfo(torch.float64).eps
@@ -464,16 +466,7 @@ def _load_jvp_decompositions():
 
 
 def _prepare(model, example_inputs, loss, seed, perturb):
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"count_laws expects a torch.nn.Module, got {type(model).__name__}")
-    if loss not in (None, "mse", "cross_entropy"):
-        raise ValueError(f"loss must be None, 'mse' or 'cross_entropy', got {loss!r}")
-    if torch.is_tensor(example_inputs):
-        example_inputs = (example_inputs,)
-    if isinstance(example_inputs, list):
-        example_inputs = tuple(example_inputs)
-    if not isinstance(example_inputs, tuple):
-        raise TypeError(f"example_inputs must be a tuple of positional inputs, got {type(example_inputs).__name__}")
+    example_inputs = check_arguments(model, example_inputs, loss, "count_laws")
     m = copy.deepcopy(model).to(torch.float64)
     for mod in m.modules():  # batch statistics without running-stat updates (no in-place under vmap)
         if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm) and mod.training:

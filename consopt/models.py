@@ -49,6 +49,13 @@ def _norm(c, bn):
     return nn.BatchNorm2d(c) if bn else nn.Identity()
 
 
+def _downsample(cin, cout, stride, bn):
+    """1×1 projection of the skip path when the block changes width or resolution, else None."""
+    if stride == 1 and cin == cout:
+        return None
+    return nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=not bn), _norm(cout, bn))
+
+
 class BasicBlock(nn.Module):
     expansion = 1
 
@@ -58,9 +65,7 @@ class BasicBlock(nn.Module):
         self.bn1 = _norm(cout, bn)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=not bn)
         self.bn2 = _norm(cout, bn)
-        self.downsample = None
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=not bn), _norm(cout, bn))
+        self.downsample = _downsample(cin, cout, stride, bn)
 
     def forward(self, x):
         idt = x if self.downsample is None else self.downsample(x)
@@ -80,9 +85,7 @@ class Bottleneck(nn.Module):
         self.bn2 = _norm(width, bn)
         self.conv3 = nn.Conv2d(width, cout, 1, bias=not bn)
         self.bn3 = _norm(cout, bn)
-        self.downsample = None
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=not bn), _norm(cout, bn))
+        self.downsample = _downsample(cin, cout, stride, bn)
 
     def forward(self, x):
         idt = x if self.downsample is None else self.downsample(x)
