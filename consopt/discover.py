@@ -260,7 +260,9 @@ def _consume_last(w: _Walk, x, W: str, axis: int, node):
     w.ch.term(ids, positions, W, axis, -1)
 
 
-def _consume_dim(w: _Walk, x, W: str, axis: int, dim: int):
+def _consume_dim(w: _Walk, x, W: str, axis: int, dim: int, repeat: int = 1):
+    """The input's tags along `dim` are read by parameter W along `axis`; with `repeat` = m,
+    input channel i is read by the m slices i·m … i·m+m−1 (a depthwise conv's rows)."""
     t = w.tag(x)
     if t is None:
         return
@@ -269,7 +271,7 @@ def _consume_dim(w: _Walk, x, W: str, axis: int, dim: int):
     if any(s > 1 for i, s in enumerate(t.shape) if i != dim):
         w.ch.restrict(t, NONE)
         return
-    ids, positions = _group_positions(t.reshape(-1))
+    ids, positions = _group_positions(t.reshape(-1).repeat_interleave(repeat))
     w.ch.term(ids, positions, W, axis, -1)
 
 
@@ -302,14 +304,28 @@ def _conv(w: _Walk, node):
         groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
     W = w.param(weight, node)
     shape = w.shape(node)
-    if W is None or groups != 1:
-        # Grouped/depthwise convs allow only block-diagonal groups; not modelled yet: no law.
+    if W is None or (groups != 1 and transposed):
         w.break_all(node)
         ids, out = w.new_out(shape[1], NONE, shape, 1)
         return out
     in_axis, out_axis = (0, 1) if transposed else (1, 0)
-    _consume_dim(w, x, W, in_axis, 1)
-    ids, out = w.new_out(shape[1], GL, shape, 1)
+    level = GL
+    if groups == 1:
+        _consume_dim(w, x, W, in_axis, 1)
+    else:
+        # Grouped conv: output channel o is row o of W (any group), so rows rescale freely; mixing
+        # rows across groups would break the grouping, so outputs get the diagonal group (the
+        # within-group GL is dropped: conservative). Input channel i is read by column i mod c of
+        # its group's rows only; with one input channel per group (depthwise, c = 1) that is the
+        # rows i·m … i·m+m−1, a diagonal consumer. Wider groups need a 2-D slice: no law there.
+        level = DIAG
+        t = w.tag(x)
+        if w.shape(weight)[1] == 1 and t is not None:
+            w.ch.restrict(t, DIAG)
+            _consume_dim(w, x, W, 0, 1, repeat=shape[1] // groups)
+        else:
+            w.break_all(node)
+    ids, out = w.new_out(shape[1], level, shape, 1)
     B = w.param(bias, node) if bias is not None else None
     w.add_producers(node, ids, [(W, out_axis), (B, 0)])
     w.producers.append(dict(node=node, W=W, w_axis=out_axis, B=B, dim=1, n=shape[1], kind="conv"))

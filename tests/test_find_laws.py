@@ -289,6 +289,60 @@ def test_conv_relu_maxpool_flatten_linear():
     torch.testing.assert_close(laws.evaluate(m)[f.name], ref, rtol=1e-13, atol=1e-13)
 
 
+class _InvertedResidual(nn.Module):
+    """MobileNetV2-style: 1x1 expand, depthwise 3x3 (channel multiplier m), 1x1 project."""
+
+    def __init__(self, c=3, e=5, m=1, bn=False):
+        super().__init__()
+        self.pw1, self.dw = nn.Conv2d(c, e, 1), nn.Conv2d(e, e * m, 3, padding=1, groups=e)
+        self.pw2 = nn.Conv2d(e * m, 4, 1)
+        self.b1, self.b2 = (nn.BatchNorm2d(e), nn.BatchNorm2d(e * m)) if bn else (nn.Identity(), nn.Identity())
+
+    def forward(self, x):
+        x = torch.relu(self.b1(self.pw1(x)))
+        return self.pw2(torch.relu(self.b2(self.dw(x))))
+
+
+@pytest.mark.parametrize("m", [1, 2])
+@pytest.mark.parametrize("bn", [False, True])
+def test_depthwise_conv_rescale_laws(m, bn):
+    # One law per unit on each side of the depthwise conv, plus a bias translation per BN; the
+    # Lie-algebra certificate (count_laws) agrees: 12 / 18 without BN, 24 / 36 with BN for e = 6.
+    e = 5
+    mod = _InvertedResidual(e=e, m=m, bn=bn)
+    x = torch.randn(4, 3, 5, 5)
+    laws, _ = check(mod, (x,), torch.randn(4, 4, 5, 5))
+    per_kind = kinds(laws)
+    assert len(per_kind["rescale"]) == 2
+    assert laws.num_functions == (e + e * m) * (2 if bn else 1)  # BN adds a bias translation per side
+    v = laws.evaluate(mod)
+    dw = mod.dw.weight.double().reshape(e, m, -1)  # input channel i feeds rows i·m … i·m+m−1
+    if bn:
+        into = mod.b1.weight.double() ** 2 + mod.b1.bias.double() ** 2
+    else:
+        into = (mod.pw1.weight.double() ** 2).sum((1, 2, 3)) + mod.pw1.bias.double() ** 2
+    f_in = [f for f in per_kind["rescale"] if "dw" in f.modules and f.terms[-1].param == "dw.weight"][0]
+    torch.testing.assert_close(v[f_in.name], into - (dw ** 2).sum((1, 2)), rtol=1e-13, atol=1e-13)
+    if bn:
+        prod = mod.b2.weight.double() ** 2 + mod.b2.bias.double() ** 2
+    else:
+        prod = (mod.dw.weight.double() ** 2).sum((1, 2, 3)) + mod.dw.bias.double() ** 2
+    f_out = [f for f in per_kind["rescale"] if "pw2" in f.modules][0]
+    ref = prod - (mod.pw2.weight.double() ** 2).sum((0, 2, 3))
+    torch.testing.assert_close(v[f_out.name], ref, rtol=1e-13, atol=1e-13)
+
+
+def test_grouped_conv_rescales_its_outputs_only():
+    # groups=2 with 3 input channels per group: an input channel is read by one column of half the
+    # rows (a 2-D slice), so units feeding it get no law; its own output units do.
+    m = nn.Sequential(nn.Conv2d(2, 6, 1), nn.ReLU(), nn.Conv2d(6, 4, 3, groups=2), nn.ReLU(), nn.Conv2d(4, 3, 1))
+    laws, _ = check(m, (torch.randn(3, 2, 6, 6),), torch.randn(3, 3, 4, 4))
+    (f,) = list(laws)
+    assert f.kind == "rescale" and f.modules == ("2", "4")
+    ref = (m[2].weight.double() ** 2).sum((1, 2, 3)) + m[2].bias.double() ** 2 - (m[4].weight.double() ** 2).sum((0, 2, 3))
+    torch.testing.assert_close(laws.evaluate(m)[f.name], ref, rtol=1e-13, atol=1e-13)
+
+
 def test_batchnorm_bias_translation_and_affine_rescale():
     m = nn.Sequential(nn.Conv2d(3, 5, 3), nn.BatchNorm2d(5), nn.ReLU(), nn.Flatten(), nn.Linear(5 * 4 * 4, 4))
     laws, _ = check(m, (torch.randn(4, 3, 6, 6),), torch.randint(0, 4, (4,)), ce, loss="cross_entropy",
