@@ -10,6 +10,15 @@ unchanged in kind or absorbs it:
   channel   b_c → b_c + t_c (constant over batch)      BatchNorm (training)               b_c
   cscale    row c of W̃ scaled by d_c > 0               BatchNorm (training)               ‖W̃_c‖²   (approximate)
   pscale    the whole producer W̃ scaled by d > 0       LayerNorm / RMSNorm                ‖W̃‖²     (approximate)
+  ushift    b → b + t1 (one constant everywhere)       as token; a shift that reaches     Σ b_A − Σ b_B
+                                                       the output is cancelled by another
+                                                       producer's whose shift reaches it too
+
+ushift is the pre-norm residual stream without a final norm: adding t to every entry of the
+attention output's bias is absorbed by the next LayerNorm on the stream's branch but flows on
+along the skip to the output, where subtracting t from the MLP's output bias cancels it. Only
+shifts that reach the output with coefficient +1 (through adds and layout ops, no scaling or
+negation) are paired, so k such biases give k − 1 laws.
 
 The scale laws are exact only with eps = 0 (SPEC §5): they are emitted only with
 approximate=True, flagged, and not counted. Kunin et al., "Neural Mechanics" (ICLR 2021).
@@ -22,7 +31,10 @@ import torch
 from .discover import LAYOUT_OPS, _compress, _expand, _opname, apply_layout, modules_of
 from .laws import Family, Term
 
-SHIFT_PASS = {"token": {"clone", "contiguous", "alias", "_to_copy", "to", "lift_fresh_copy", "neg", "avg_pool1d",
+_UNIFORM_PASS = {"clone", "contiguous", "alias", "_to_copy", "to", "lift_fresh_copy", "avg_pool1d", "avg_pool2d",
+                 "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "identity"}
+SHIFT_PASS = {"ushift": _UNIFORM_PASS,  # no neg: the output shift must keep its sign
+              "token": {"clone", "contiguous", "alias", "_to_copy", "to", "lift_fresh_copy", "neg", "avg_pool1d",
                         "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
                         "adaptive_avg_pool3d", "identity"},
               "channel": {"clone", "contiguous", "alias", "_to_copy", "to", "lift_fresh_copy", "neg", "avg_pool1d",
@@ -55,8 +67,9 @@ GROUP_BASE = 1 << 40  # tag ids at or above this stand for a set of channel symb
 def _propagate(nodes, start_idx, start_tag, mode, loss):
     """Which symbols of the perturbation starting at nodes[start_idx] are absorbed wherever they go.
 
-    Returns the set of broken symbols, or None if none broke. Uniform modes ("token", "pscale")
-    stop at the first break and return {"all"}."""
+    Returns the set of broken symbols, or None if none broke. Uniform modes ("token", "pscale",
+    "ushift") stop at the first break and return {"all"}; "ushift" returns {"output"} when the
+    shift reaches the model's output unchanged and is absorbed everywhere else."""
     carry = {nodes[start_idx]: start_tag}
     groups = {}
     broken = set()
@@ -86,9 +99,16 @@ def _node(node, carry, groups, mode, loss, broken):
     get = lambda a: carry.get(a) if torch.is_tensor(carry.get(a)) else None
     if node.op == "output":
         outs = node.args[0] if isinstance(node.args[0], (tuple, list)) else (node.args[0],)
-        if mode != "token" or loss != "cross_entropy" or len(outs) != 1:
+        if mode not in ("token", "ushift") or len(outs) != 1:
             return False
         t, shape = get(outs[0]), _shape(outs[0])
+        if mode == "ushift":
+            if t is None or not _full_along(t, shape) or any(d != 1 for d in _compress(_expand(t, shape)).shape):
+                return False
+            broken.add("output")  # cross-entropy would absorb it, but then "token" already holds
+            return True
+        if loss != "cross_entropy":
+            return False
         cdim = 1 if len(shape) >= 2 else 0
         if t is None or not _full_along(t, shape):
             return False
@@ -113,7 +133,7 @@ def _node(node, carry, groups, mode, loss, broken):
         return True
     shape = _shape(node)
     if name in ("layer_norm", "native_layer_norm", "rms_norm"):
-        if mode not in ("token", "pscale") or (mode == "token" and name == "rms_norm"):
+        if mode not in ("token", "ushift", "pscale") or (mode in ("token", "ushift") and name == "rms_norm"):
             return False
         if node.args[0] not in carry or len(node.args[1]) != 1:
             return False
@@ -131,7 +151,7 @@ def _node(node, carry, groups, mode, loss, broken):
         if not _constant_along(full, xs, [d for d in range(len(xs)) if d != 1]):
             return False
         return True  # absorbed per channel
-    if name in ("softmax", "_softmax", "log_softmax", "_log_softmax") and mode == "token":
+    if name in ("softmax", "_softmax", "log_softmax", "_log_softmax") and mode in ("token", "ushift"):
         t = get(node.args[0])
         xs = _shape(node.args[0])
         d = node.args[1] % len(xs)
@@ -160,9 +180,16 @@ def _node(node, carry, groups, mode, loss, broken):
             return True
         if scale:
             return False  # adding an unscaled value breaks the scaling
+        if mode == "ushift":  # the shift must reach the output with coefficient +1
+            alpha = node.kwargs.get("alpha", node.args[2] if len(node.args) > 2 else 1)
+            scaled = (tb is not None) if name != "rsub" else (ta is not None)
+            if (scaled and (alpha != 1 or name != "add")) or (name == "rsub" and ta is not None):
+                return False
         carry[node] = _compress(_expand(ta if ta is not None else tb, shape))
         return True
     if name in ("mul", "div"):
+        if mode == "ushift":
+            return False
         a, b = node.args[0], node.args[1]
         ta = get(a) if isinstance(a, torch.fx.Node) else None
         tb = get(b) if isinstance(b, torch.fx.Node) else None
@@ -236,6 +263,7 @@ def shift_laws(walk, ep, *, loss, approximate, param_order):
     index = {n: i for i, n in enumerate(nodes)}
     tied = {p for p, users in walk.param_users.items() if len(users) > 1}
     out = []
+    arrivals = []  # (bias, size): uniform bias shifts that reach the output unchanged
     for pr in walk.producers:
         node, W, B, n, dim, kind = pr["node"], pr["W"], pr["B"], pr["n"], pr["dim"], pr["kind"]
         if (W in tied) or (B in tied):
@@ -254,8 +282,10 @@ def shift_laws(walk, ep, *, loss, approximate, param_order):
         units = torch.arange(n, dtype=torch.int64)[:, None]
         whole = torch.arange(n, dtype=torch.int64)[None, :]
         # token translation: weights vary per token, so only per-token absorbers count.
+        token_ok = False
         if kind in ("linear", "embedding") and W is not None:
-            if _propagate(nodes, i0, start(_compress(per_token)), "token", loss) is None:
+            token_ok = _propagate(nodes, i0, start(_compress(per_token)), "token", loss) is None
+            if token_ok:
                 terms = [Term(W, pr["w_axis"], units, +1)] + ([Term(B, 0, units, +1)] if B else [])
                 out.append(Family("", "translation", "vector", 1, terms, note="per-token shift absorbed downstream"))
         # channel translation of the bias alone.
@@ -265,6 +295,8 @@ def shift_laws(walk, ep, *, loss, approximate, param_order):
             if keep:
                 out.append(Family("", "translation", "diag", 1, [Term(B, 0, torch.tensor(keep)[:, None], +1)],
                                   note="per-channel bias shift absorbed downstream (batch norm, softmax over keys)"))
+            if not token_ok and len(keep) < n and _propagate(nodes, i0, start(uniform), "ushift", loss) == {"output"}:
+                arrivals.append((B, n))
         if not approximate or kind == "norm":
             continue
         if kind in ("linear", "conv") and _propagate(nodes, i0, start(per_channel), "cscale", loss) is None:
@@ -275,6 +307,12 @@ def shift_laws(walk, ep, *, loss, approximate, param_order):
             terms = [Term(W, pr["w_axis"], whole, +1)] + ([Term(B, 0, whole, +1)] if B else [])
             out.append(Family("", "scale", "diag", 2, terms, approximate=True,
                               note="exact only for eps = 0 in the normalization"))
+    # Σ b_A − Σ b_B: shift b_A by t·1 and b_B by −t·1; both reach the output as ±t and cancel.
+    for B, n in arrivals[1:]:
+        B0, n0 = arrivals[0]
+        out.append(Family("", "translation", "diag", 1, [Term(B0, 0, torch.arange(n0)[None, :], +1),
+                                                         Term(B, 0, torch.arange(n)[None, :], -1)],
+                          note="uniform bias shifts that cancel at the output (pre-norm residual stream)"))
     for f in out:
         f.modules = modules_of(f.terms)
     return out

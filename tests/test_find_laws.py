@@ -188,6 +188,51 @@ def test_transformer_encoder_layer(norm_first):
     assert "stream" not in kd  # LayerNorm on the stream: no stream law
 
 
+def test_pre_norm_stream_biases_cancel_at_the_output():
+    # Pre-norm layer, no final norm: t·1 added to out_proj's bias is absorbed by norm2 on the MLP
+    # branch and reaches the output along the skip, where −t·1 on linear2's bias cancels it.
+    m = nn.TransformerEncoderLayer(4, 2, 6, dropout=0.0, activation="relu", batch_first=True, norm_first=True)
+    laws, _ = check(m, (torch.randn(2, 5, 4),), torch.randn(2, 5, 4))
+    (f,) = [f for f in laws if f.modules == ("self_attn.out_proj", "linear2")]
+    assert f.kind == "translation" and f.units == 1
+    ref = m.self_attn.out_proj.bias.double().sum() - m.linear2.bias.double().sum()
+    torch.testing.assert_close(laws.evaluate(m)[f.name], ref.reshape(1), rtol=1e-14, atol=1e-14)
+    assert laws.num_functions == 31  # = count_laws (docs/count_laws.md)
+
+
+@pytest.mark.parametrize("final_norm", [False, True])
+def test_pre_norm_stack_pairs_every_stream_bias(final_norm):
+    # 2 layers: 4 biases write to the stream. Without a final norm they give 3 differences; with
+    # one, each bias is its own per-token translation law and no difference is added.
+    layer = nn.TransformerEncoderLayer(4, 2, 6, dropout=0.0, activation="relu", batch_first=True, norm_first=True)
+    m = nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(4) if final_norm else None, enable_nested_tensor=False)
+    laws, _ = check(m, (torch.randn(2, 5, 4),), torch.randn(2, 5, 4))
+    pairs = [f for f in laws if f.kind == "translation" and f.units == 1 and len(f.terms) == 2]
+    assert len(pairs) == (0 if final_norm else 3)
+    v = laws.evaluate(m)
+    for f in pairs:
+        a, b = (dict(m.named_parameters())[t.param].double().sum() for t in f.terms)
+        torch.testing.assert_close(v[f.name], (a - b).reshape(1), rtol=1e-14, atol=1e-14)
+
+
+def test_scaled_or_dropped_skip_has_no_cross_producer_law():
+    class Scaled(nn.Module):
+        def __init__(self, alpha, p):
+            super().__init__()
+            self.ln, self.f1, self.f2, self.alpha, self.drop = nn.LayerNorm(4), nn.Linear(4, 4), nn.Linear(4, 4), alpha, nn.Dropout(p)
+            self.g = nn.Linear(4, 4)
+
+        def forward(self, x):
+            x = x + self.drop(self.f1(x))
+            return (x if self.alpha == 1 else self.alpha * x) + self.f2(torch.relu(self.g(self.ln(x))))
+
+    for alpha, p in [(0.5, 0.0), (1.0, 0.3)]:
+        laws, _ = check(Scaled(alpha, p), (torch.randn(3, 4),), torch.randn(3, 4))
+        assert not [f for f in laws if f.kind == "translation" and len(f.terms) == 2]
+    laws, _ = check(Scaled(1.0, 0.0), (torch.randn(3, 4),), torch.randn(3, 4))
+    assert len([f for f in laws if f.kind == "translation" and len(f.terms) == 2]) == 1
+
+
 def test_transformer_post_norm_translation_laws():
     m = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, activation="relu", batch_first=True)
     laws, _ = check(m, (torch.randn(2, 5, 8),), torch.randn(2, 5, 8))
