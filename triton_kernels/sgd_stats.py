@@ -92,6 +92,21 @@ def _load_vals(ptr, mask, BF16: tl.constexpr, F64: tl.constexpr):
 
 
 @triton.jit
+def _load16_f64(P, off, mask, BF16: tl.constexpr):
+    """16-bit elements (bf16 bits or fp16) at P + off as float64, read through 32-bit words.
+
+    Triton 3.6 cannot lower a float64 `tl.dot` whose operands come from a 16-bit load ("fp64
+    don't support largeK MMA"); a 32-bit load feeds the same exact values in a layout it can."""
+    w = tl.load(P.to(tl.pointer_type(tl.int32), bitcast=True) + (off >> 1), mask=mask, other=0)
+    bits = ((w >> ((off & 1) * 16).to(tl.int32)) & 0xFFFF).to(tl.uint32)
+    if BF16:
+        v = (bits << 16).to(tl.float32, bitcast=True)
+    else:
+        v = bits.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    return v.to(tl.float64)
+
+
+@triton.jit
 def _round_store(x, PTR, BF16: tl.constexpr, F64: tl.constexpr):
     """(value to store in the buffer's element type, that stored value back in the compute type).
 
@@ -126,7 +141,7 @@ def sgd_stats_kernel(
     VECM: tl.constexpr, GRAM_R: tl.constexpr, GRAM_C: tl.constexpr, COLACC: tl.constexpr, STATS: tl.constexpr,
     UPDATE: tl.constexpr, USE_MOM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
     HAS_WD: tl.constexpr, LR_FROM_PTR: tl.constexpr, HAS_GS: tl.constexpr, HAS_INF: tl.constexpr,
-    BF16: tl.constexpr, F64: tl.constexpr, HAS_GOFF: tl.constexpr,
+    BF16: tl.constexpr, F64: tl.constexpr, HAS_GOFF: tl.constexpr, HALF: tl.constexpr,
 ):
     pid = tl.program_id(0)
     tp = TILES + pid * NC
@@ -248,10 +263,16 @@ def sgd_stats_kernel(
                         cpos = rc * cpitch + j * cj + ys * cy
                         tl.store(SCR + o_csq + cpos, tl.sum(xx, axis=0), mask=_band(cmask, o_csq >= 0))
                         tl.store(SCR + o_csum + cpos, tl.sum(x, axis=0), mask=_band(cmask, o_csum >= 0))
-                    if GRAM_R:
-                        acc_r += tl.dot(x, tl.trans(x))
-                    if GRAM_C:
-                        acc_c += tl.dot(tl.trans(x), x)
+                    if GRAM_R or GRAM_C:
+                        xg = x
+                        if HALF:  # the Gram operands re-read through 32-bit words (see _load16_f64)
+                            if UPDATE:
+                                tl.debug_barrier()  # this program's stores above are visible to all its threads
+                            xg = _load16_f64(P, off, mask, BF16)
+                        if GRAM_R:
+                            acc_r += tl.dot(xg, tl.trans(xg))
+                        if GRAM_C:
+                            acc_c += tl.dot(tl.trans(xg), xg)
         if STATS:
             if not VECM:
                 rpos = rows - x0
@@ -272,7 +293,8 @@ def sgd_stats_kernel(
 
 
 @triton.jit
-def gram_kernel(P, TAB, SCR, GC: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr, BF16: tl.constexpr):
+def gram_kernel(P, TAB, SCR, GC: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr, BF16: tl.constexpr,
+                HALF: tl.constexpr):
     pid = tl.program_id(0)
     tp = TAB + pid * GC
     base_a = tl.load(tp + 0)
@@ -293,10 +315,16 @@ def gram_kernel(P, TAB, SCR, GC: tl.constexpr, BM: tl.constexpr, BC: tl.constexp
             cc = c0 + cs
             cm = cc < nvec
             coff = l * sloop + cc * svec
-            a = _load_vals(P + base_a + ms[:, None] * sm + coff[None, :], (ms < na)[:, None] & cm[None, :],
-                           BF16, True)
-            b = _load_vals(P + base_b + ms[:, None] * sm + coff[None, :], (ms < nb)[:, None] & cm[None, :],
-                           BF16, True)
+            oa = base_a + ms[:, None] * sm + coff[None, :]
+            ob = base_b + ms[:, None] * sm + coff[None, :]
+            ma = (ms < na)[:, None] & cm[None, :]
+            mb = (ms < nb)[:, None] & cm[None, :]
+            if HALF:
+                a = _load16_f64(P, oa, ma, BF16)
+                b = _load16_f64(P, ob, mb, BF16)
+            else:
+                a = _load_vals(P + oa, ma, BF16, True)
+                b = _load_vals(P + ob, mb, BF16, True)
             acc += tl.dot(a, tl.trans(b))
     tl.store(SCR + out + ms[:, None] * BM + ms[None, :], acc)
 
@@ -380,7 +408,7 @@ def launch_sgd_stats(p_flat, g_flat, m_flat, tiles, active, hasbuf, scratch, *, 
         UPDATE=bool(update), USE_MOM=use_mom, NESTEROV=bool(update and nesterov and use_mom),
         MAXIMIZE=bool(update and maximize), HAS_WD=has_wd, LR_FROM_PTR=lr_ptr is not None,
         HAS_GS=bool(update and grad_scale is not None), HAS_INF=bool(update and found_inf is not None),
-        BF16=bf16, F64=f64, HAS_GOFF=bool(update and goff is not None), **kw,
+        BF16=bf16, F64=f64, HAS_GOFF=bool(update and goff is not None), HALF=p_flat.element_size() == 2, **kw,
     )
 
 
@@ -390,7 +418,7 @@ def launch_gram(p_flat, table, scratch, num_warps=None):
         return
     kw = {"num_warps": 8 if num_warps is None else num_warps}
     gram_kernel[(n,)](_bits(p_flat), table, scratch, GC=GCOL, BM=BIG_GRAM_BM, BC=BIG_GRAM_BC,
-                      BF16=p_flat.dtype == torch.bfloat16, **kw)
+                      BF16=p_flat.dtype == torch.bfloat16, HALF=p_flat.element_size() == 2, **kw)
 
 
 def encode_signed_slots(slots: np.ndarray, signs: np.ndarray) -> np.ndarray:
