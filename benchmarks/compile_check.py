@@ -19,7 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -112,6 +115,26 @@ def drive(level: str) -> None:
         model.float()
 
 
+def ptxas_usage(ptx: str, arch: int) -> dict:
+    """Registers per thread and spill bytes per thread, from the bundled ptxas (-v)."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        tool = get_ptxas(arch)
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+            f.write(ptx)
+        sm = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+        r = subprocess.run([tool.path, f"-arch={sm}", "-v", f.name, "-o", os.devnull], capture_output=True,
+                           text=True, timeout=300)
+        os.unlink(f.name)
+        log = r.stdout + r.stderr
+        regs = re.search(r"Used (\d+) registers", log)
+        spill = re.search(r"(\d+) bytes spill stores", log)
+        return {"registers": int(regs.group(1)) if regs else None, "spill_bytes": int(spill.group(1)) if spill else None}
+    except Exception as e:  # noqa: BLE001 - usage is informative only
+        return {"registers": None, "spill_bytes": None, "ptxas_error": f"{type(e).__name__}: {e}"[:200]}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (90 = H100)")
@@ -139,14 +162,20 @@ def main(argv=None) -> int:
             k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=target,
                                options=options or None)
             ok, err, size = True, "", len(k.asm.get("cubin", b""))
+            usage = ptxas_usage(k.asm["ptx"], args.arch)
+            usage["shared_bytes"] = getattr(k.metadata, "shared", None)
         except Exception as e:  # noqa: BLE001 - report every failing configuration
             ok, err, size = False, f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}", 0
+            usage = {}
             failed += 1
         flags = {k_: v for k_, v in constexprs.items() if isinstance(v, bool) and v}
         data = next((t for t in sig.values() if t.startswith("*")), "")  # the first pointer: the buffer
         results.append(dict(kernel=kname, data=data, ok=ok, seconds=round(time.perf_counter() - t0, 2),
-                            cubin_bytes=size, flags=sorted(flags), options=options, error=err))
-        print(f"{'ok  ' if ok else 'FAIL'} {kname:18s} {data:6s} {results[-1]['seconds']:6.2f}s  {' '.join(sorted(flags))}"
+                            cubin_bytes=size, flags=sorted(flags), options=options, error=err, **usage))
+        use = (f"regs {usage.get('registers')} spill {usage.get('spill_bytes')} smem {usage.get('shared_bytes')}"
+               if ok else "")
+        print(f"{'ok  ' if ok else 'FAIL'} {kname:18s} {data:6s} {results[-1]['seconds']:6.2f}s  {use:32s} "
+              f"{' '.join(sorted(flags))}"
               + (f"\n     {err}" if err else ""), flush=True)
     print(f"triton {triton.__version__}, torch {torch.__version__}, sm_{args.arch}: {len(results) - failed}/{len(results)} "
           f"configurations compiled in {time.perf_counter() - t_all:.1f} s")

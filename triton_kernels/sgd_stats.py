@@ -57,10 +57,17 @@ NCOL = 20  # padded
 G_BASE_A, G_BASE_B, G_SM, G_NA, G_NB, G_NLOOP, G_SLOOP, G_NVEC, G_SVEC, G_OUT = range(10)
 GCOL = 10
 
-# Block configurations: (BX, BY). GRAM tiles need BX/BY >= 16 for tl.dot.
-WIDE = (32, 128)
-GRAM = (64, 64)
+# Block configurations: (BX, BY) elements per program and loop step, and the warps that run
+# them. Sized with ptxas (benchmarks/compile_check.py prints registers and spills for sm_90,
+# Triton 3.6 and 3.9): the fp64 statistics need ~25 registers per element a thread holds, so
+# the old (32, 128) on 4 warps spilled 1.4 KB per thread and a (64, 64) Gram tile on 8 warps
+# 8 KB; now WIDE uses 128 registers without spills and GRAM 255 with < 50 bytes. GRAM tiles need
+# BX, BY >= 16 for tl.dot; row Gram blocks of up to 64 units and column Gram blocks of up to 32
+# positions fit one tile (larger ones go to gram_kernel).
+WIDE = (16, 64)
+GRAM = (64, 32)
 VEC = (32, 32)
+WARPS = {WIDE: 8, GRAM: 8, VEC: 4}
 BIG_GRAM_BM = 64
 BIG_GRAM_BC = 64
 CSR_BLOCK = 128
@@ -396,8 +403,7 @@ def launch_sgd_stats(p_flat, g_flat, m_flat, tiles, active, hasbuf, scratch, *, 
     dummy = scratch
     G = _bits(g_flat) if update else P
     Mb = _bits(m_flat) if use_mom else P
-    # fp64 Gram accumulators ([64, 64] doubles) need more threads to stay in registers
-    kw = {"num_warps": num_warps if num_warps is not None else (8 if (stats and (gram_r or gram_c)) else 4)}
+    kw = {"num_warps": num_warps if num_warps is not None else WARPS.get((bx, by), 4 if bx * by <= 1024 else 8)}
     sgd_stats_kernel[(n,)](
         P, G, Mb, tiles, active if update else tiles, hasbuf if use_mom else tiles,
         goff if (update and goff is not None) else tiles, scratch,
