@@ -5,8 +5,10 @@ a kernel can pass every CPU test and still fail to compile on the GPU (an unsupp
 `tl.dot`, a layout the backend rejects, an API that differs between Triton versions). This
 script drives consopt's fused step, law statistics and projection on small CPU models with
 `JITFunction.run` replaced by a recorder, then compiles each distinct (kernel, argument types,
-constexprs, launch options) to a cubin with `triton.compile(..., target=GPUTarget("cuda", cc,
-32))`; ptxas ships with Triton, so no driver or GPU is needed.
+constexprs, launch options, the JIT's alignment specializations) to a cubin with
+`triton.compile(..., target=GPUTarget("cuda", cc, 32))`; ptxas ships with Triton, so no driver
+or GPU is needed. For each it also reports ptxas's registers and spill bytes per thread and
+the shared memory: the block sizes in triton_kernels/sgd_stats.py were chosen with it.
 
     python benchmarks/compile_check.py [--arch 90] [--level smoke|quick|full] [--json out.json]
 
@@ -47,12 +49,16 @@ class Recorder:
 
     def __call__(self, fn, *args, grid=None, warmup=False, **kwargs):
         options = {k: kwargs.pop(k) for k in _OPTIONS if k in kwargs}
-        sig, const = {}, {}
+        sig, const, attrs = {}, {}, {}
         params = fn.params
         values = dict(zip([p.name for p in params], args))
         values.update(kwargs)
-        for p in params:
+        for i, p in enumerate(params):
             v = values.get(p.name, p.default if hasattr(p, "default") else None)
+            # what the JIT specializes on at launch: 16-byte aligned pointers, ints divisible by 16
+            if (torch.is_tensor(v) and v.data_ptr() % 16 == 0) or (
+                    isinstance(v, int) and not isinstance(v, bool) and not p.is_constexpr and v % 16 == 0):
+                attrs[(i,)] = [["tt.divisibility", 16]]
             if p.is_constexpr or v is None:
                 sig[p.name] = "constexpr"
                 const[p.name] = v
@@ -67,8 +73,8 @@ class Recorder:
             else:
                 raise TypeError(f"{fn.__name__}: cannot type argument {p.name}={v!r}")
         key = (fn.__name__, tuple(sorted(sig.items())), tuple(sorted((k, repr(v)) for k, v in const.items())),
-               tuple(sorted(options.items())))
-        self.configs.setdefault(key, (fn, sig, const, options))
+               tuple(sorted(options.items())), tuple(sorted(attrs)))
+        self.configs.setdefault(key, (fn, sig, const, options, attrs))
         return None
 
 
@@ -156,10 +162,10 @@ def main(argv=None) -> int:
     target = GPUTarget("cuda", args.arch, 32)
     results, failed = [], 0
     t_all = time.perf_counter()
-    for (kname, _, const, _), (fn, sig, constexprs, options) in sorted(rec.configs.items(), key=lambda kv: kv[0][0]):
+    for (kname, *_), (fn, sig, constexprs, options, attrs) in sorted(rec.configs.items(), key=lambda kv: kv[0][0]):
         t0 = time.perf_counter()
         try:
-            k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=target,
+            k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs), target=target,
                                options=options or None)
             ok, err, size = True, "", len(k.asm.get("cubin", b""))
             usage = ptxas_usage(k.asm["ptx"], args.arch)

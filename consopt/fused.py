@@ -141,7 +141,7 @@ class _Need:
 
 @dataclass
 class _Tile:
-    variant: tuple  # (BX, BY, vec, gram_r, gram_c, colacc)
+    variant: tuple  # (BX, BY, vec, gram_r, gram_c, colacc, aligned)
     mode: str  # "vec" | "row" | "col"
     x0: int
     x1: int
@@ -165,8 +165,27 @@ class _Tile:
     blocks_c: tuple = ()
 
 
+def _aligned(t: _Tile, g: _Seg) -> bool:
+    """Whether the kernel may treat this tile's buffer accesses as groups of 4 contiguous,
+    16-byte aligned elements sharing one mask (the `ALIGNED` hints of sgd_stats_kernel): every
+    table value the hints name must be a multiple of 4 (elements, so 16 bytes for fp32)."""
+    if t.mode == "vec":
+        return g.base % 4 == 0 and t.x0 % 4 == 0 and t.x1 % 4 == 0
+    if t.mode == "row" and t.cy == 1 and t.cj == t.variant[1]:
+        return all(v % 4 == 0 for v in (g.base, g.K, t.cb, t.ny, t.cend, t.variant[1]))
+    return False
+
+
 def _plan_segment(g: _Seg, need: _Need | None, target: int):
-    """Tiles of one segment. Returns (tiles, row blocks left for the Gram kernel, col blocks left)."""
+    """Tiles of one segment. Returns (tiles, row blocks left for the Gram kernel, col blocks left);
+    each tile's variant ends with its `_aligned` flag (aligned and unaligned tiles launch apart)."""
+    tiles, big_r, big_c = _plan_tiles(g, need, target)
+    for t in tiles:
+        t.variant = t.variant + (_aligned(t, g),)
+    return tiles, big_r, big_c
+
+
+def _plan_tiles(g: _Seg, need: _Need | None, target: int):
     K_ = _K()
     need = need or _Need()
     tiles = []
@@ -1186,9 +1205,10 @@ def fused_sgd_step(group: FlatGroup, lr, momentum: float = 0.0, dampening: float
         else:
             tables = b.plain_tables(group.target)
             scratch = b.const_flags(0)  # never written: stats are off
-        for (bx, by, vec, gr, gc, ca), table in tables:
+        galigned = bool((b.goff_host % 4 == 0).all())  # where this step's grads sit (see prepare())
+        for (bx, by, vec, gr, gc, ca, al), table in tables:
             K_.launch_sgd_stats(b.param, b.grad, b.mom, table, b.active, hb, scratch, block=(bx, by), vec=vec,
-                                gram_r=gr, gram_c=gc, colacc=ca, stats=compiled_laws is not None, update=True, goff=b.goff, lr=lr_a,
+                                gram_r=gr, gram_c=gc, colacc=ca, aligned=al, galigned=galigned, stats=compiled_laws is not None, update=True, goff=b.goff, lr=lr_a,
                                 momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                                 nesterov=nesterov, maximize=maximize, grad_scale=gs, found_inf=fi)
         if compiled_laws is not None:
@@ -1216,9 +1236,9 @@ def law_values_only(compiled_laws: CompiledLaws) -> dict:
     compiled_laws.ensure_current()
     for gi, g in enumerate(compiled_laws.groups):
         for bi, b in enumerate(g.buffers):
-            for (bx, by, vec, gr, gc, ca), table in compiled_laws.stats_tables(gi, bi):
+            for (bx, by, vec, gr, gc, ca, al), table in compiled_laws.stats_tables(gi, bi):
                 K_.launch_sgd_stats(b.param, None, None, table, None, None, compiled_laws.scratch, block=(bx, by),
-                                    vec=vec, gram_r=gr, gram_c=gc, colacc=ca, stats=True, update=False)
+                                    vec=vec, gram_r=gr, gram_c=gc, colacc=ca, aligned=al, stats=True, update=False)
             gt = compiled_laws.gram_table(gi, bi)
             if gt is not None:
                 K_.launch_gram(b.param, gt, compiled_laws.scratch)
