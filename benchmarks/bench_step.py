@@ -11,6 +11,9 @@ For every model (parameter shapes written out here, no torchvision/transformers)
     torch_foreach+evaluator  the foreach step, then consopt.functional.LawEvaluator (if present)
     consopt_fused            consopt.fused.fused_sgd_step without laws
     consopt_fused+laws       consopt.fused.fused_sgd_step with every law family tracked
+    consopt_fused+symmetry   the tracked fused step, then the symmetry projection on the flat
+                             buffers (consopt.projection.FlatProjector) back onto {h = h(θ_0)};
+                             GPU (and --smoke) only; reports the mean projection rounds per step
 
 it reports the median time (CUDA events, L2 flushed between reps), the effective bandwidth at
 the nominal 20 B/element of fp32 momentum SGD (read p, g, m; write p, m), and that bandwidth as a
@@ -220,7 +223,7 @@ def make_params(shapes, device):
     return ps
 
 
-def bench_model(name, build, device, timer, lr=0.01):
+def bench_model(name, build, device, timer, lr=0.01, smoke=False):
     shapes, fams = build()
     ls = LawSet(fams, {n: torch.Size(s) for n, s in shapes.items()})
     numel = sum(math.prod(s) for s in shapes.values())
@@ -284,11 +287,42 @@ def bench_model(name, build, device, timer, lr=0.01):
                 scratch_mb=(c.n_slots * 8 / 2 ** 20) if c else 0.0)
         del g, c, ps
 
+    if device.type == "cuda" or smoke:
+        bench_projection(ls, shapes, device, timer, lr, row)
+
     for r in rows:
         r["copy_ms"] = t_copy
         r["copy_gbs"] = copy_gbs
         r["frac_copy"] = t_copy / r["ms"]
     return rows
+
+
+def bench_projection(ls, shapes, device, timer, lr, row):
+    """consopt_fused+symmetry: tracked fused step + FlatProjector to h(θ_0), fp32 (tol 2·eps)."""
+    from consopt.projection import FlatProjector
+
+    ps = make_params(shapes, device)
+    g = F.FlatGroup(list(ps.values()), names=list(ps))
+    c = F.compile_laws(ls, ps, g)
+    proj = FlatProjector(ls, ps, g)
+    with torch.no_grad():
+        h0 = F.law_values_only(c)
+    rounds = []
+
+    def fn():
+        F.fused_sgd_step(g, lr, momentum=0.9, compiled_laws=c)
+        st = proj(h0)
+        rounds.append(st.rounds)
+
+    with torch.no_grad():
+        fn()  # first step + compilation
+        rounds.clear()
+        # fewer reps than the other rows: each step here runs C statistics passes per projection round
+        short = Timer(device, reps=10 if device.type == "cuda" else 1, warmup=2 if device.type == "cuda" else 0)
+        ms = short(fn)
+    row("consopt_fused+symmetry", ms, launches=None, rounds=sum(rounds) / max(len(rounds), 1),
+        colours=len(proj.colours), fallback=len(proj.fallback))
+    del g, c, ps, proj
 
 
 def main(argv=None):
@@ -307,7 +341,7 @@ def main(argv=None):
     table = models(args.smoke)
     all_rows = []
     for name in args.models.split(","):
-        rows = bench_model(name, table[name], device, timer)
+        rows = bench_model(name, table[name], device, timer, smoke=args.smoke)
         all_rows += rows
     hdr = f"{'model':10s} {'method':26s} {'ms':>9s} {'GB/s':>8s} {'%copy':>6s} {'launch':>6s}"
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu (interpreter)'}; "
@@ -316,9 +350,16 @@ def main(argv=None):
     print("-" * len(hdr))
     for r in all_rows:
         la = "" if r.get("launches") is None else str(r["launches"])
+        if r.get("rounds") is not None:  # projection rows: mean rounds per step instead
+            la = f"{r['rounds']:.1f}r"
         print(f"{r['model']:10s} {r['method']:26s} {r['ms']:9.3f} {r['gbs']:8.1f} {100 * r['frac_copy']:5.1f}% {la:>6s}")
     for name in dict.fromkeys(r["model"] for r in all_rows):
         rr = {r["method"]: r for r in all_rows if r["model"] == name}
+        if "consopt_fused+symmetry" in rr and "consopt_fused+laws" in rr:
+            pr = rr["consopt_fused+symmetry"]
+            print(f"{name}: symmetry projection {pr['rounds']:.1f} rounds/step, {pr['colours']} colours, "
+                  f"{pr['fallback']} fallback families; step + projection {pr['ms'] / rr['consopt_fused+laws']['ms']:.2f}x "
+                  f"the tracked step")
         if "consopt_fused+laws" in rr and "torch_foreach+evaluate" in rr:
             base = min(rr[k]["ms"] for k in ("torch_foreach+evaluate", "torch_foreach+evaluator") if k in rr)
             print(f"{name}: tracked fused step {base / rr['consopt_fused+laws']['ms']:.2f}x faster than "

@@ -119,6 +119,21 @@ def drive(level: str) -> None:
                                grad_scale=torch.tensor(2.0), found_inf=torch.tensor(0.0))
             fused_sgd_step(group, 0.01, momentum=0.9)  # no laws: plain tables
         model.float()
+    _drive_projection(dtypes)
+
+
+def _drive_projection(dtypes) -> None:
+    """The symmetry projection's apply kernel: rescale only, and rescale + translation shift."""
+    from triton_kernels.project import ACOL, launch_symmetry_apply, plan_tiles
+
+    for dtype in dtypes:
+        p, m = torch.randn(4096).to(dtype), torch.randn(4096).to(dtype)
+        F = torch.ones(64, dtype=torch.float64)
+        table = torch.from_numpy(plan_tiles([[0, 4096, 1, 1, 64, 64, 0, 0, 1, 1, 0, 0, 64, 1]]))
+        assert table.shape[1] == ACOL
+        launch_symmetry_apply(p, m, F, table)
+        launch_symmetry_apply(p, None, F, table, coef=torch.zeros(65, dtype=torch.float64),
+                              rowtab=torch.zeros(128, dtype=torch.int64), shift=torch.zeros(64, dtype=torch.float64))
 
 
 def ptxas_usage(ptx: str, arch: int) -> dict:

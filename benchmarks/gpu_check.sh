@@ -2,7 +2,8 @@
 # GPU check for consopt's fused SGD kernels: the kernel/fused tests on the GPU, then the step table.
 # Meant for one H100 with torch + triton preinstalled (no pip registry needed):
 #     bash benchmarks/gpu_check.sh [out_dir]
-# Budget: < 5 minutes (tests ~2 min including Triton compilation, benchmark ~2 min).
+# Budget: < 5 minutes (tests ~2 min including Triton compilation, benchmark ~2 min; the
+# symmetry-projection rows of the benchmark time 10 steps per model).
 set -u
 cd "$(dirname "$0")/.."
 OUT="${1:-${OUT:-benchmarks}}"
@@ -19,7 +20,8 @@ print("device", torch.cuda.get_device_name() if torch.cuda.is_available() else "
 PYEOF
 
 t0=$(date +%s)
-timeout 200 "$PY" -m pytest tests/test_kernels.py tests/test_fused.py tests/test_sgd_fused.py -q -x -p no:cacheprovider \
+timeout 200 "$PY" -m pytest tests/test_kernels.py tests/test_fused.py tests/test_sgd_fused.py \
+    tests/test_projection_kernels.py -q -x -p no:cacheprovider \
     2>&1 | tee "$OUT/gpu_tests.log" | tail -25
 test_rc=${PIPESTATUS[0]}
 echo "tests: exit $test_rc in $(( $(date +%s) - t0 )) s"

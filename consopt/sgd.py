@@ -211,6 +211,7 @@ class SGD(torch.optim.SGD):
         self._compiled = None
         self._published = {}  # id(p) -> the momentum view we put in self.state[p]
         self._fused_ok = False  # a fused step has completed (kernels compiled and ran)
+        self._projector = None  # FlatProjector on the fused path (False: its first use failed)
         if laws is not None:
             self._tracker = _LawTracker(laws, self._bind(laws))
 
@@ -269,6 +270,7 @@ class SGD(torch.optim.SGD):
         d.setdefault("projection_stats", None)
         d["_use_fused"], d["_flat"], d["_compiled"], d["_published"] = None, None, None, {}
         d["_fused_ok"] = False
+        d["_projector"] = None
         d.setdefault("_force_triton", False)
         if d["_law_names"] is None:
             d["_law_names"] = {}
@@ -320,9 +322,18 @@ class SGD(torch.optim.SGD):
         return loss
 
     def _project(self):
-        """Put the parameters back on {h = h(θ_0)} (consopt.projection); momentum is transported."""
+        """Put the parameters back on {h = h(θ_0)} (consopt.projection); momentum is transported.
+
+        On the fused path the symmetry projection runs on the flat buffers
+        (`consopt.projection.FlatProjector`: the statistics kernels, batched actions, one apply
+        launch per buffer) and returns the law values at the projected point; otherwise (and for
+        "euclidean", which acts on the parameter views) `consopt.projection.project`."""
         from .projection import project
 
+        if self.projection == "symmetry" and self._use_fused and self._flat is not None and self._fused_ok:
+            values = self._project_flat()
+            if values is not _FALLBACK:
+                return values
         tensors = self._tracker.evaluator.tensors
         buffers = {}
         for name, p in tensors.items():
@@ -331,6 +342,37 @@ class SGD(torch.optim.SGD):
                 buffers[name] = buf
         self.projection_stats = project(self.laws, tensors, self._tracker.h0, self.projection, buffers=buffers)
         return None  # re-evaluated by the tracker
+
+    def _project_flat(self):
+        """The symmetry projection on the flat buffers; _FALLBACK if its first use fails."""
+        from .projection import FlatProjector
+
+        if self._projector is False:
+            return _FALLBACK
+        first = self._projector is None
+        snapshot = None
+        try:
+            if first:
+                self._projector = FlatProjector(self.laws, self._tracker.evaluator.tensors, self._flat)
+                # first use: kernels compile now; keep the buffers to restore if that fails
+                snapshot = [(b.param.clone(), b.mom.clone() if b.mom is not None else None)
+                            for f in self._flat for b in f.buffers]
+            self.projection_stats = self._projector(self._tracker.h0)
+        except Exception as e:  # noqa: BLE001 - only on the first projected step, see above
+            if not first:
+                raise
+            if snapshot is not None:
+                with torch.no_grad():
+                    for b, (p0, m0) in zip([b for f in self._flat for b in f.buffers], snapshot):
+                        b.param.copy_(p0)
+                        if m0 is not None and b.mom is not None:
+                            b.mom.copy_(m0)
+            warnings.warn(f"consopt.SGD: the flat symmetry projection failed on its first use ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}); using consopt.projection.project instead",
+                          RuntimeWarning, stacklevel=4)
+            self._projector = False
+            return _FALLBACK
+        return self._projector.values
 
     def _step_impl(self) -> str:
         """Which implementation applies the update.
