@@ -5,9 +5,13 @@ Models: a ResNet-18-sized CNN (CIFAR layout, ~11.2 M parameters) and a small Tra
 backward pass. Three variants are timed side by side, in interleaved repetitions (median):
 
   torch      torch.optim.SGD(foreach=True, momentum=0.9).step()
-  consopt    consopt.SGD(foreach=True, momentum=0.9, laws=laws).step()   (tracks every family)
+  consopt    consopt.SGD(foreach=True, momentum=0.9, laws=laws).step(); opt.deviation()
+             (every family tracked and read after every step)
   consopt[compile]  the same with opt.tracking_backend = "compile" (torch.compile'd statistics;
              compiled before timing, compile time reported)
+  consopt[read/10]  consopt, deviation() read after every 10th step only (per-step time: the
+             laws are evaluated when read, so unread steps cost torch's update); its ratio is
+             against torch[x10], 10 consecutive torch steps (same cache conditions)
   torch+eval torch.optim.SGD step, then laws.evaluate(model) (eager float64 law values)
   evaluator  consopt's float64 law evaluation alone (what tracking adds to torch's step)
 
@@ -180,7 +184,7 @@ def bench_model(name, reps, warmup):
     m_c = copy.deepcopy(base)
     laws_c = copy.deepcopy(laws).bind(m_c)
     o_c = consopt.SGD(m_c.parameters(), lr=1e-3, momentum=0.9, foreach=True, laws=laws_c)
-    variants["consopt"] = (m_c, o_c.step)
+    variants["consopt"] = (m_c, lambda: (o_c.step(), o_c.deviation()))
     # the same with tracking_backend="compile" (statistics in one torch.compile'd graph)
     m_k = copy.deepcopy(base)
     o_k = consopt.SGD(m_k.parameters(), lr=1e-3, momentum=0.9, foreach=True, laws=copy.deepcopy(laws).bind(m_k))
@@ -190,7 +194,27 @@ def bench_model(name, reps, warmup):
     o_k.step()  # compiles
     t_compile = time.perf_counter() - t0
     if o_k.tracking_backend == "compile":
-        variants["consopt[compile]"] = (m_k, o_k.step)
+        variants["consopt[compile]"] = (m_k, lambda: (o_k.step(), o_k.deviation()))
+    m_r = copy.deepcopy(base)
+    o_r = consopt.SGD(m_r.parameters(), lr=1e-3, momentum=0.9, foreach=True, laws=copy.deepcopy(laws).bind(m_r))
+
+    def read_every_10():
+        for _ in range(10):
+            o_r.step()
+        o_r.deviation()
+
+    variants["consopt[read/10]"] = (m_r, read_every_10)
+    # its baseline: 10 consecutive torch steps (the model stays in cache between them, as it does
+    # for consopt[read/10]; the single-step variants interleave with the other models)
+    m_t10 = copy.deepcopy(base)
+    o_t10 = torch.optim.SGD(m_t10.parameters(), lr=1e-3, momentum=0.9, foreach=True)
+
+    def torch_x10():
+        for _ in range(10):
+            o_t10.step()
+
+    variants["torch[x10]"] = (m_t10, torch_x10)
+    per_call = {"consopt[read/10]": 10, "torch[x10]": 10}
     m_e = copy.deepcopy(base)
     o_e = torch.optim.SGD(m_e.parameters(), lr=1e-3, momentum=0.9, foreach=True)
     laws_e = copy.deepcopy(laws).bind(m_e)
@@ -215,7 +239,7 @@ def bench_model(name, reps, warmup):
             m, fn = variants[k]
             t0 = time.perf_counter()
             fn()
-            dt = time.perf_counter() - t0
+            dt = (time.perf_counter() - t0) / per_call.get(k, 1)
             if r >= warmup:
                 times[k].append(dt)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
@@ -242,6 +266,7 @@ def bench_model(name, reps, warmup):
         "ratio_consopt_vs_torch": round(med["consopt"] / med["torch"], 3),
         "ratio_consopt_compile_vs_torch": (round(med["consopt[compile]"] / med["torch"], 3)
                                            if "consopt[compile]" in med else None),
+        "ratio_consopt_read10_vs_torch": round(med["consopt[read/10]"] / med["torch[x10]"], 3),
         "ratio_min_consopt_vs_torch": round(min(times["consopt"]) / min(times["torch"]), 3),
         "ratio_torch_eval_vs_torch": round(med["torch+eval"] / med["torch"], 3),
         "speedup_consopt_vs_torch_eval": round(med["torch+eval"] / med["consopt"], 3),
@@ -266,7 +291,7 @@ def main(argv=None):
         print(f"[{name}] building, finding laws, timing {args.reps} interleaved reps ...", file=sys.stderr)
         results.append(bench_model(name.strip(), args.reps, args.warmup))
     hdr = ("model", "params", "families", "functions", "torch ms", "consopt ms", "ratio", "consopt[compile] ms",
-           "ratio", "torch+eval ms", "ratio", "evaluator ms")
+           "ratio", "torch x10 ms", "read/10 ms", "ratio", "torch+eval ms", "ratio", "evaluator ms")
     rows = [hdr]
     for r in results:
         m = r["median_ms"]
@@ -275,6 +300,7 @@ def main(argv=None):
                      f"{m['torch']:.2f}", f"{m['consopt']:.2f}", f"{r['ratio_consopt_vs_torch']:.2f}x",
                      "n/a" if mk is None else f"{mk:.2f}",
                      "n/a" if mk is None else f"{r['ratio_consopt_compile_vs_torch']:.2f}x",
+                     f"{m['torch[x10]']:.2f}", f"{m['consopt[read/10]']:.2f}", f"{r['ratio_consopt_read10_vs_torch']:.2f}x",
                      f"{m['torch+eval']:.2f}", f"{r['ratio_torch_eval_vs_torch']:.2f}x", f"{m['evaluator']:.2f}"))
     w = [max(len(row[i]) for row in rows) for i in range(len(hdr))]
     lines = ["  ".join(c.rjust(w[i]) if i else c.ljust(w[i]) for i, c in enumerate(row)) for row in rows]

@@ -29,7 +29,11 @@ _FALLBACK = object()  # _fused_step could not run: take the PyTorch path
 
 
 class _LawTracker:
-    """Tracking state of one optimizer: h(θ_0), the last h(θ_t), scale at θ_0 and a step count."""
+    """Tracking state of one optimizer: h(θ_0), the last h(θ_t), scale at θ_0 and a step count.
+
+    On the PyTorch path h(θ_t) is evaluated when it is first read after a step (`current()`),
+    from the parameters as they are then, so steps whose deviation nobody reads cost torch's
+    update only. The fused path hands over the values its kernels formed during the update."""
 
     def __init__(self, laws: LawSet, tensors: Mapping[str, Tensor]):
         self.laws = laws
@@ -56,11 +60,17 @@ class _LawTracker:
         self.steps, self.skipped = 0, None
 
     def advance(self, values: dict | None = None, found_inf: Tensor | None = None) -> None:
-        self.h = values if values is not None else self.evaluator()
+        self.h = values  # None: evaluated on first read
         self.steps += 1
         if found_inf is not None:  # fused GradScaler step: no host sync, count skips on device
             s = (found_inf.detach() > 0).to(torch.int64).reshape(-1).sum()
             self.skipped = s if self.skipped is None else self.skipped + s.to(self.skipped.device)
+
+    def current(self) -> dict:
+        """h(θ_t) for every family (evaluated now if the last step did not provide it)."""
+        if self.h is None:
+            self.h = self.evaluator()
+        return self.h
 
     def num_steps(self) -> int:
         return self.steps - (int(self.skipped.item()) if self.skipped is not None else 0)
@@ -70,7 +80,8 @@ class _LawTracker:
             shapes = self.laws.param_shapes
             return {n: torch.zeros(self.laws[n].shape(shapes), dtype=torch.float64, device=self.family_device(n))
                     for n in self.names}
-        return {n: self.h[n] - self.h0[n] for n in self.names}
+        h = self.current()
+        return {n: h[n] - self.h0[n] for n in self.names}
 
     def stats(self) -> dict:
         if not self.started:
@@ -80,7 +91,7 @@ class _LawTracker:
                 out[f"{n}/max_rel"] = 0.0
             out["step"] = 0.0
             return out
-        return deviation_stats(self.h, self.h0, self.scale0, self.num_steps())
+        return deviation_stats(self.current(), self.h0, self.scale0, self.num_steps())
 
     # -- checkpointing -------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -91,7 +102,7 @@ class _LawTracker:
             "started": self.started,
             "steps": self.num_steps(),
             "h0": clone(self.h0),
-            "h": clone(self.h),
+            "h": clone(self.current() if self.started else None),
             "scale0": clone(self.scale0),
         }
 
@@ -576,7 +587,10 @@ class SGD(torch.optim.SGD):
         """{family: h(θ_t) − h(θ_0)} as float64 tensors, same keys and shapes as ``laws.evaluate``.
 
         θ_t is the state after the last step. Before the first step (tracking not started) every
-        deviation is 0. Without laws: {}.
+        deviation is 0. Without laws: {}. On the PyTorch path h(θ_t) is evaluated at the first
+        read after a step (from the parameters as they are then) and kept until the next step,
+        so steps that nobody reads cost torch's update only; the fused path forms h(θ_t) during
+        the update itself.
         """
         if self._tracker is None:
             return {}

@@ -231,6 +231,38 @@ def test_deviation_matches_reevaluation(name, source):
     assert opt.tracked_steps == 12
 
 
+def test_laws_are_evaluated_when_read():
+    """Steps whose deviation is not read cost no evaluation; a read evaluates once, at the
+    current parameters, and equals the re-evaluation; checkpoints carry the current values."""
+    model, laws = build("mlp", torch.float64, seed=11)
+    g = torch.Generator().manual_seed(12)
+    opt = consopt.SGD(model.parameters(), lr=0.05, momentum=0.9, laws=laws)
+    calls = []
+    ev = opt._tracker.evaluator
+    real = type(ev).__call__
+    type(ev).__call__ = lambda self: (calls.append(1), real(self))[1]
+    try:
+        h0 = laws.evaluate(copy.deepcopy(model))
+        for _ in range(5):
+            fill_grads(model, *model.example_inputs(generator=g))
+            opt.step()
+        assert len(calls) == 1  # h(θ_0) at the first step only
+        dev = opt.deviation()
+        stats = opt.deviation_stats()
+        assert len(calls) == 2  # one evaluation serves every read until the next step
+        ref = {n: v - h0[n] for n, v in laws.evaluate(model).items()}
+        assert _max_scaled_err(dev, ref, laws.scale(model)) <= 1e-13
+        assert stats["step"] == 5.0
+        fill_grads(model, *model.example_inputs(generator=g))
+        opt.step()
+        sd = opt.state_dict()  # unread step: the checkpoint evaluates
+        assert len(calls) == 3
+        h = laws.evaluate(model)
+        assert all(torch.allclose(sd["consopt"]["h"][n], h[n], rtol=1e-14, atol=1e-14) for n in h)
+    finally:
+        type(ev).__call__ = real
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
 def test_deviation_matches_reevaluation_dtypes(dtype):
     model, laws = build("cnn_bn", dtype, seed=_seed_of("dt", dtype))
