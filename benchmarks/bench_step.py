@@ -325,13 +325,68 @@ def bench_projection(ls, shapes, device, timer, lr, row):
     del g, c, ps, proj
 
 
+def plan_table(names) -> list:
+    """The compiled plans of the full-size models, on the CPU (no kernel runs): tiles and launches
+    per step, scratch, CSR terms and the statistics' extra traffic per element (the design table
+    of benchmarks/RESULTS.md)."""
+    out = []
+    table = models(False)
+    for name in names:
+        shapes, fams = table[name]()
+        ls = LawSet(fams, {n: torch.Size(s) for n, s in shapes.items()})
+        numel = sum(math.prod(s) for s in shapes.values())
+        ps = {n: torch.nn.Parameter(torch.zeros(s)) for n, s in shapes.items()}
+        g = F.FlatGroup(list(ps.values()), names=list(ps))
+        plain = g.buffers[0].plain_tables(g.target)
+        t0 = time.perf_counter()
+        c = F.compile_laws(ls, ps, g)
+        t_compile = time.perf_counter() - t0
+        tabs = c.step_tables(0, 0)
+        gram = c.gram_table(0, 0)
+        n_terms = int(c._slots.numel())
+        outer = 3 if c._outer else 0
+        # scratch written once and read once (fp64), the CSR index (int32/int64), fp64 outputs, and
+        # gram_kernel's re-read of the slices of Gram blocks that do not fit a tile (fp32)
+        gram_read = 0
+        if gram is not None:
+            from triton_kernels import sgd_stats as K
+
+            t = gram.cpu().numpy()
+            gram_read = int(((t[:, K.G_NA] + t[:, K.G_NB]) * t[:, K.G_NLOOP] * t[:, K.G_NVEC]).sum()) * 4
+        extra = (16 * c.n_slots + c._slots.element_size() * n_terms + 8 * c.n_out + gram_read) / numel
+        out.append(dict(model=name, tensors=len(shapes), params=numel, families=len(fams),
+                        tiles_plain=sum(int(t.shape[0]) for _, t in plain), launches_plain=len(plain),
+                        tiles=sum(int(t.shape[0]) for _, t in tabs), update_launches=len(tabs),
+                        aligned_launches=sum(1 for v, _ in tabs if v[-1]), gram_launches=int(gram is not None),
+                        outer_ops=outer, scratch_mib=c.n_slots * 8 / 2 ** 20, csr_terms=n_terms,
+                        extra_bytes=extra, compile_s=t_compile))
+        del g, c, ps
+    hdr = ("model", "tensors", "params", "families", "tiles/launches, no laws", "tiles/launches, laws",
+           "scratch", "CSR terms", "extra B/element (vs 20)", "compile")
+    print("| " + " | ".join(hdr) + " |")
+    print("|" + "---|" * len(hdr))
+    for r in out:
+        launches = (f"{r['update_launches']} update ({r['aligned_launches']} aligned)"
+                    + (f" + {r['gram_launches']} Gram" if r["gram_launches"] else "") + " + 1 CSR"
+                    + (f" + {r['outer_ops']} small torch ops" if r["outer_ops"] else ""))
+        print(f"| {r['model']} | {r['tensors']} | {r['params'] / 1e6:.2f} M | {r['families']} | "
+              f"{r['tiles_plain']} / {r['launches_plain']} | {r['tiles']} / {launches} | {r['scratch_mib']:.1f} MiB | "
+              f"{r['csr_terms'] / 1e6:.2f} M | {r['extra_bytes']:.2f} B ({100 * r['extra_bytes'] / 20:.1f} %) | "
+              f"{r['compile_s']:.1f} s |")
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU / Triton interpreter)")
     ap.add_argument("--json", default=None, help="write the rows as JSON here")
     ap.add_argument("--models", default="large,resnet18,resnet50,gpt2")
     ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--plan", action="store_true", help="print the full-size plans (tiles, launches, "
+                    "scratch, extra bytes) without running kernels, then exit")
     args = ap.parse_args(argv)
+    if args.plan:
+        return plan_table(args.models.split(","))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not args.smoke:
         print("no CUDA device: running --smoke (tiny shapes, interpreter timings are not meaningful)")

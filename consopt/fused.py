@@ -132,7 +132,7 @@ class _Need:
     colsum: bool = False
     row_bps: set = field(default_factory=set)
     gram_r: set = field(default_factory=set)  # (a, b) row blocks, units <= GRAM BX
-    gram_c: set = field(default_factory=set)  # (a, b) axis-1 blocks, units <= GRAM BY
+    gram_c: set = field(default_factory=set)  # (a, b) axis-1 blocks, units <= GRAM_COL BY
 
     @property
     def any(self):
@@ -205,7 +205,7 @@ def _plan_tiles(g: _Seg, need: _Need | None, target: int):
                                1, 1, 0, 1))
         return tiles, big_r, big_c
     if need.gram_c:
-        bx, by = K_.GRAM
+        bx, by = K_.GRAM_COL
         n1 = g.shape[1]
         inner = K // n1
         pieces, failed = _partition(n1, by, (), need.gram_c)
@@ -705,7 +705,7 @@ class CompiledLaws:
                     for a, b in per_s:
                         if axis == 0 and U <= K_.GRAM[0]:
                             tp.blocks.append(("r", (a, b)))
-                        elif axis == 1 and U <= K_.GRAM[1]:
+                        elif axis == 1 and U <= K_.GRAM_COL[1]:
                             tp.blocks.append(("c", (a, b)))
                         else:
                             tp.blocks.append(("big", (axis, a, U, 1)))

@@ -186,7 +186,7 @@ CONFIGS = [
 @pytest.mark.parametrize("mode", ["row", "vec", "col"])
 def test_update_and_stats_match_torch(dtype, mode):
     shapes = {"row": SHAPES_ROW, "vec": SHAPES_VEC, "col": SHAPES_COL}[mode]
-    block = {"row": K.WIDE, "vec": K.VEC, "col": K.GRAM}[mode]
+    block = {"row": K.WIDE, "vec": K.VEC, "col": K.GRAM_COL}[mode]
     if mode == "row" and dtype in (torch.bfloat16, torch.float16):
         block = K.GRAM  # exercise row Gram blocks too
     cfgs = CONFIGS if dtype in (torch.float32, torch.bfloat16) else CONFIGS[2:]
@@ -298,14 +298,14 @@ def test_tensor_lr_read_on_device():
 def test_stats_only_does_not_write():
     alloc = _Alloc()
     shapes = [(5, 7), (9, 3, 2, 2)]
-    tiles, meta, n = _build(shapes, "col", alloc, K.GRAM)
+    tiles, meta, n = _build(shapes, "col", alloc, K.GRAM_COL)
     scr = torch.zeros(alloc.n, dtype=torch.float64, device=DEV)
     p = torch.randn(n, device=DEV).to(torch.bfloat16)
     P = p.clone()
-    K.launch_sgd_stats(P, None, None, tiles, None, None, scr, block=K.GRAM, vec=False, gram_r=False, gram_c=True,
+    K.launch_sgd_stats(P, None, None, tiles, None, None, scr, block=K.GRAM_COL, vec=False, gram_r=False, gram_c=True,
                        stats=True, update=False)
     assert torch.equal(P, p)
-    _check_stats(scr, meta, shapes, p, K.GRAM)
+    _check_stats(scr, meta, shapes, p, K.GRAM_COL)
 
 
 def test_bf16_round_to_nearest_even():

@@ -61,13 +61,14 @@ GCOL = 10
 # them. Sized with ptxas (benchmarks/compile_check.py prints registers and spills for sm_90,
 # Triton 3.6 and 3.9): the fp64 statistics need ~25 registers per element a thread holds, so
 # the old (32, 128) on 4 warps spilled 1.4 KB per thread and a (64, 64) Gram tile on 8 warps
-# 8 KB; now WIDE uses 128 registers without spills and GRAM 255 with < 50 bytes. GRAM tiles need
-# BX, BY >= 16 for tl.dot; row Gram blocks of up to 64 units and column Gram blocks of up to 32
-# positions fit one tile (larger ones go to gram_kernel).
+# 8 KB; now WIDE uses 128 registers without spills and GRAM/GRAM_COL ≤ 255 with < 50 bytes.
+# Gram tiles need BX, BY >= 16 for tl.dot; row Gram blocks of up to 64 units (GRAM) and column
+# Gram blocks of up to 64 positions (GRAM_COL) fit one tile (larger ones go to gram_kernel).
 WIDE = (16, 64)
 GRAM = (64, 32)
+GRAM_COL = (16, 64)
 VEC = (32, 32)
-WARPS = {WIDE: 8, GRAM: 8, VEC: 4}
+WARPS = {WIDE: 8, GRAM: 8, GRAM_COL: 8, VEC: 4}
 BIG_GRAM_BM = 64
 BIG_GRAM_BC = 32  # 8 warps: no spills (64 spilled 0.5 KB per thread under Triton 3.6)
 CSR_BLOCK = 128
