@@ -276,6 +276,14 @@ class LawEvaluator:
     def _family_device(f: Family, tensors) -> torch.device:
         return tensors[f.terms[0].param].device
 
+    def _terms(self, f: Family):
+        """(term, its tensor, its index as int64 on the CPU) for every term, indices checked."""
+        for t in f.terms:
+            p = self.tensors[t.param]
+            idx = t.index.to(torch.int64).cpu()
+            _check_index(f, t, idx, p.shape[t.axis])
+            yield t, p, idx
+
     def _need(self, name: str, op: str, axis: int) -> None:
         self._stats.setdefault(name, _StatsSpec(name)).add(op, axis)
 
@@ -294,10 +302,8 @@ class LawEvaluator:
             for f in fams:
                 op = "sq" if f.order == 2 else "sum"
                 src_cols, sign_cols = [], []
-                for t in f.terms:
-                    idx = t.index.to(torch.int64).cpu()
-                    n = tensors[t.param].shape[t.axis]
-                    _check_index(f, t, idx, n)
+                for t, p, idx in self._terms(f):
+                    n = p.shape[t.axis]
                     key = (t.param, op, t.axis)
                     if key not in keys:
                         keys[key] = offset
@@ -318,14 +324,10 @@ class LawEvaluator:
     def _build_vector(self, families):
         """Per family: pieces s_t · colsum(M_t), from the statistics pass where the term takes a
         whole parameter along axis 0 in order, else from the term's own slice."""
-        tensors = self.tensors
         plans = []
         for f in families:
             pieces = []
-            for t in f.terms:
-                p = tensors[t.param]
-                idx = t.index.to(torch.int64).cpu()
-                _check_index(f, t, idx, p.shape[t.axis])
+            for t, p, idx in self._terms(f):
                 whole = idx.shape[1] == 1 and _is_trivial_index(idx, p.shape[t.axis])
                 if whole and t.axis == 0:  # Σ over axis 0, the rest flattened
                     self._need(t.param, "rest_sum", 0)
@@ -345,10 +347,7 @@ class LawEvaluator:
         term_slots = []  # per family: list of (group key, slot, sign)
         for f in families:
             slots = []
-            for t in f.terms:
-                p = tensors[t.param]
-                idx = t.index.to(torch.int64).cpu()
-                _check_index(f, t, idx, p.shape[t.axis])
+            for t, p, idx in self._terms(f):
                 key = (t.param, t.axis, tuple(idx.shape))
                 g = groups.setdefault(key, {"param": t.param, "axis": t.axis, "shape": tuple(idx.shape),
                                             "index": [], "device": p.device})

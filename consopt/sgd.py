@@ -365,22 +365,12 @@ class SGD(torch.optim.SGD):
         try:
             if first:
                 self._projector = FlatProjector(self.laws, self._tracker.evaluator.tensors, self._flat)
-                # first use: kernels compile now; keep the buffers to restore if that fails
-                snapshot = [(b.param.clone(), b.mom.clone() if b.mom is not None else None)
-                            for f in self._flat for b in f.buffers]
+                snapshot = self._snapshot_flat(grads=False)  # first use: kernels compile now
             self.projection_stats = self._projector(self._tracker.h0)
         except Exception as e:  # noqa: BLE001 - only on the first projected step, see above
             if not first:
                 raise
-            if snapshot is not None:
-                with torch.no_grad():
-                    for b, (p0, m0) in zip([b for f in self._flat for b in f.buffers], snapshot):
-                        b.param.copy_(p0)
-                        if m0 is not None and b.mom is not None:
-                            b.mom.copy_(m0)
-            warnings.warn(f"consopt.SGD: the flat symmetry projection failed on its first use ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''}); using consopt.projection.project instead",
-                          RuntimeWarning, stacklevel=4)
+            self._first_use_failed(snapshot, e, "the flat symmetry projection", "consopt.projection.project")
             self._projector = False
             return _FALLBACK
         return self._projector.values
@@ -433,8 +423,7 @@ class SGD(torch.optim.SGD):
         if not self._fused_ok:
             # First fused step: kernels compile now. If that fails (e.g. a Triton version without
             # some feature), restore the buffers and fall back to the PyTorch path for good.
-            snapshot = [(b.param.clone(), b.grad.clone() if b.grad is not None else None,
-                         b.mom.clone() if b.mom is not None else None) for f in self._flat for b in f.buffers]
+            snapshot = self._snapshot_flat()
         try:
             for group, flat in zip(self.param_groups, self._flat):
                 fused_sgd_step(flat, group["lr"], momentum=group["momentum"], dampening=group["dampening"],
@@ -445,22 +434,32 @@ class SGD(torch.optim.SGD):
         except Exception as e:  # noqa: BLE001 - only on the very first fused step, see above
             if snapshot is None:
                 raise
-            with torch.no_grad():
-                bufs = [b for f in self._flat for b in f.buffers]
-                for b, (p0, g0, m0) in zip(bufs, snapshot):
-                    b.param.copy_(p0)
-                    if g0 is not None:
-                        b.grad.copy_(g0)
-                    if m0 is not None and b.mom is not None:
-                        b.mom.copy_(m0)
-            warnings.warn(f"consopt.SGD: the fused Triton step failed on its first use ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''}); using the PyTorch path instead",
-                          RuntimeWarning, stacklevel=3)
+            self._first_use_failed(snapshot, e, "the fused Triton step", "the PyTorch path")
             self._use_fused = False
             return _FALLBACK
         self._fused_ok = True
         self._sync_momentum_out()
         return values
+
+    def _snapshot_flat(self, grads: bool = True) -> list:
+        """Copies of every flat buffer (params, grads, momentum): a first use of the kernels
+        that fails must leave nothing half-applied."""
+        clone = lambda t: t.clone() if t is not None else None  # noqa: E731
+        return [(b.param.clone(), clone(b.grad) if grads else None, clone(b.mom))
+                for f in self._flat for b in f.buffers]
+
+    @torch.no_grad()
+    def _first_use_failed(self, snapshot: list | None, e: Exception, what: str, instead: str) -> None:
+        """Restore the flat buffers from `snapshot` and warn that `instead` takes over."""
+        for b, (p0, g0, m0) in zip([b for f in self._flat for b in f.buffers], snapshot or []):
+            b.param.copy_(p0)
+            if g0 is not None:
+                b.grad.copy_(g0)
+            if m0 is not None and b.mom is not None:
+                b.mom.copy_(m0)
+        warnings.warn(f"consopt.SGD: {what} failed on its first use ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0] if str(e) else ''}); using {instead} instead", RuntimeWarning,
+                      stacklevel=5)
 
     def _sync_momentum_in(self) -> None:
         """Adopt momentum buffers that load_state_dict (or the user) put into self.state."""
