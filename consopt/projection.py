@@ -400,6 +400,22 @@ def _offsets(shape, axis: int, index: np.ndarray) -> np.ndarray:
     return np.moveaxis(ar, axis, 0)[index].reshape(index.shape[0], -1)
 
 
+def _as_strided(q: np.ndarray, bases: list):
+    """(size, stride, offset) of one strided view covering every slice of a matrix-action group,
+    when the slice pattern q[i, j] (offsets of unit i, entry j) is affine and the slice bases are
+    equally spaced (attention heads in order); else None (an index gather then)."""
+    r, S = q.shape
+    si = int(q[1, 0]) if r > 1 else 1
+    sj = int(q[0, 1]) if S > 1 else 1
+    if not np.array_equal(q, np.arange(r)[:, None] * si + np.arange(S)[None, :] * sj) or si <= 0 or sj <= 0:
+        return None
+    n = len(bases)
+    sb = int(bases[1] - bases[0]) if n > 1 else 1
+    if n > 1 and (sb <= 0 or not np.array_equal(np.asarray(bases), bases[0] + sb * np.arange(n))):
+        return None
+    return (n, r, S), (sb, si, sj), int(bases[0])
+
+
 class FlatProjector:
     """The symmetry projection (`project(..., "symmetry")`) on the flat buffers of the fused path.
 
@@ -709,8 +725,10 @@ class FlatProjector:
                 e["bases"].append(sg.base + int(off[0, 0]))
                 e["sel"].append(fi if sign > 0 else nfr + fi)
         for (gi, bi, r, _, _), e in groups.items():
-            plan["matmul"].append(dict(gi=gi, bi=bi, r=r, q=T(e["q"])[None], bases=T(e["bases"])[:, None, None],
-                                       sel=T(e["sel"])))
+            order = np.argsort(e["bases"], kind="stable")  # heads in memory order: often one strided view
+            bases, sel = [e["bases"][i] for i in order], [e["sel"][i] for i in order]
+            plan["matmul"].append(dict(gi=gi, bi=bi, r=r, q=T(e["q"])[None], bases=T(bases)[:, None, None],
+                                       sel=T(sel), strided=_as_strided(e["q"], bases)))
         return plan
 
     def _build_measurement(self, fams):
@@ -888,6 +906,13 @@ class FlatProjector:
         for mm in plan["matmul"]:
             b = self.groups[mm["gi"]].buffers[mm["bi"]]
             g = G[mm["r"]][mm["sel"]]
+            if mm["strided"] is not None:  # the slices as one strided view: no index gather
+                size, stride, off = mm["strided"]
+                for buf in (b.param, b.mom):
+                    if buf is not None:
+                        x = buf.as_strided(size, stride, buf.storage_offset() + off)
+                        x.copy_((g @ x.to(torch.float64)).to(buf.dtype))
+                continue
             idx = (mm["bases"] + mm["q"]).reshape(-1)
             for buf in (b.param, b.mom):
                 if buf is None:

@@ -488,3 +488,49 @@ def test_first_flat_projection_failure_restores_and_falls_back(monkeypatch):
     sc = laws.scale(m)
     for k, v in opt.deviation().items():
         assert float((v.abs() / sc[k].clamp_min(1e-300)).max()) <= DEV_TOL
+
+
+def test_matrix_action_strided_view_covers_the_gathered_slices():
+    # heads in order along rows (axis 0) and along columns (axis 1) of a [12, 10] weight: the
+    # strided view must address exactly the gathered entries, in the same order
+    import numpy as np
+
+    from consopt.projection import _as_strided, _offsets
+
+    buf = torch.randn(7 + 12 * 10, dtype=torch.float64)[7:]  # a view with a storage offset
+    for axis, r, n in ((0, 3, 4), (1, 2, 5)):
+        offs = [_offsets((12, 10), axis, np.arange(h * r, (h + 1) * r)[:, None]) for h in range(n)]
+        q = offs[0] - offs[0][0, 0]
+        bases = [int(o[0, 0]) for o in offs]
+        size, stride, off = _as_strided(q, bases)
+        view = buf.as_strided(size, stride, buf.storage_offset() + off)
+        idx = torch.as_tensor(np.stack([b + q for b in bases])).reshape(-1)
+        assert torch.equal(view.reshape(-1), buf[idx])
+    # an irregular pattern (units out of order) or unequal spacing: no view, the gather is used
+    assert _as_strided(np.array([[0, 1], [5, 6], [2, 3]]), [0]) is None
+    assert _as_strided(np.array([[0, 1]]), [0, 4, 9]) is None
+
+
+@pytest.mark.parametrize("strided", [True, False])
+def test_matrix_actions_by_strided_view_and_by_gather(monkeypatch, strided):
+    # the attention case once with its matrix slices as strided views and once through the index
+    # gather (what models whose heads are not equally spaced in memory, e.g. several layers, use)
+    import consopt.projection as P
+
+    if not strided:
+        monkeypatch.setattr(P, "_as_strided", lambda q, bases: None)
+    name = "attention"
+    m, x, y, loss_fn, laws = setup(name)
+    h0 = laws.evaluate(m)
+    opt = fused_sgd(m, laws, lr=0.01, momentum=0.9)
+    sgd_steps(m, opt, x, y, loss_fn, 2)
+    params = dict(m.named_parameters())
+    ce = CASES[name][5] == "cross_entropy"
+    out_before = output(m, x, ce)
+    proj = FlatProjector(laws, opt._tracker.evaluator.tensors, opt._flat)
+    views = [mm["strided"] is not None for plan in proj._plans for mm in plan["matmul"]]
+    assert views and all(views) == strided and any(views) == strided
+    stats = proj(h0)
+    assert stats.converged and rel_dev(laws, params, h0) <= DEV_TOL
+    out = output(m, x, ce)
+    assert float((out - out_before).norm() / out_before.norm()) <= 1e-10
