@@ -223,17 +223,26 @@ def make_params(shapes, device):
     return ps
 
 
-def bench_model(name, build, device, timer, lr=0.01, smoke=False):
+def _emit(r, out=None):
+    """Print one row as soon as it is measured (and append it to the JSON-lines file `out`): a
+    timeout of the whole run (gpu_check.sh) then still leaves every finished row."""
+    la = "" if r.get("launches") is None else str(r["launches"])
+    if r.get("rounds") is not None:  # projection rows: mean rounds per step instead
+        la = f"{r['rounds']:.1f}r"
+    frac = f"{100 * r['frac_copy']:5.1f}%" if "frac_copy" in r else "      "
+    print(f"{r['model']:10s} {r['method']:26s} {r['ms']:9.3f} {r['gbs']:8.1f} {frac} {la:>6s}", flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.write(json.dumps(r) + "\n")
+
+
+def bench_model(name, build, device, timer, lr=0.01, smoke=False, projection=None, stream=None):
+    """Rows of one model; projection=None: the step rows only; True: the projection row only."""
     shapes, fams = build()
     ls = LawSet(fams, {n: torch.Size(s) for n, s in shapes.items()})
     numel = sum(math.prod(s) for s in shapes.values())
     nbytes = BYTES_PER_ELT * numel
     rows = []
-
-    def row(method, ms, **extra):
-        gbs = nbytes / (ms * 1e-3) / 1e9
-        rows.append(dict(model=name, method=method, ms=ms, gbs=gbs, numel=numel, tensors=len(shapes),
-                         families=len(fams), **extra))
 
     # device copy of the same bytes (half read, half written)
     n_copy = nbytes // 8
@@ -242,6 +251,18 @@ def bench_model(name, build, device, timer, lr=0.01, smoke=False):
     t_copy = timer(lambda: dst.copy_(src))
     del src, dst
     copy_gbs = nbytes / (t_copy * 1e-3) / 1e9
+
+    def row(method, ms, **extra):
+        gbs = nbytes / (ms * 1e-3) / 1e9
+        r = dict(model=name, method=method, ms=ms, gbs=gbs, numel=numel, tensors=len(shapes), families=len(fams),
+                 copy_ms=t_copy, copy_gbs=copy_gbs, frac_copy=t_copy / ms, **extra)
+        rows.append(r)
+        _emit(r, stream)
+
+    if projection:
+        if device.type == "cuda" or smoke:
+            bench_projection(ls, shapes, device, timer, lr, row)
+        return rows
 
     for method in ("torch_foreach", "torch_fused", "torch_foreach+evaluate", "torch_foreach+evaluator"):
         if device.type != "cuda" and method == "torch_fused":
@@ -287,13 +308,6 @@ def bench_model(name, build, device, timer, lr=0.01, smoke=False):
                 scratch_mb=(c.n_slots * 8 / 2 ** 20) if c else 0.0)
         del g, c, ps
 
-    if device.type == "cuda" or smoke:
-        bench_projection(ls, shapes, device, timer, lr, row)
-
-    for r in rows:
-        r["copy_ms"] = t_copy
-        r["copy_gbs"] = copy_gbs
-        r["frac_copy"] = t_copy / r["ms"]
     return rows
 
 
@@ -394,20 +408,20 @@ def main(argv=None):
     reps = args.reps or (3 if args.smoke else 30)
     timer = Timer(device, reps=reps, warmup=1 if args.smoke else 5)
     table = models(args.smoke)
-    all_rows = []
-    for name in args.models.split(","):
-        rows = bench_model(name, table[name], device, timer, smoke=args.smoke)
-        all_rows += rows
     hdr = f"{'model':10s} {'method':26s} {'ms':>9s} {'GB/s':>8s} {'%copy':>6s} {'launch':>6s}"
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu (interpreter)'}; "
           f"torch {torch.__version__}; fp32, momentum 0.9; {BYTES_PER_ELT} B/element nominal")
     print(hdr)
-    print("-" * len(hdr))
-    for r in all_rows:
-        la = "" if r.get("launches") is None else str(r["launches"])
-        if r.get("rounds") is not None:  # projection rows: mean rounds per step instead
-            la = f"{r['rounds']:.1f}r"
-        print(f"{r['model']:10s} {r['method']:26s} {r['ms']:9.3f} {r['gbs']:8.1f} {100 * r['frac_copy']:5.1f}% {la:>6s}")
+    print("-" * len(hdr), flush=True)
+    stream = (args.json + "l") if args.json else None  # rows as JSON lines, written as they come
+    if stream and os.path.exists(stream):
+        os.remove(stream)
+    all_rows = []
+    names = args.models.split(",")
+    for name in names:  # every step row first: the projection rows (slow, many rounds) come last
+        all_rows += bench_model(name, table[name], device, timer, smoke=args.smoke, stream=stream)
+    for name in names:
+        all_rows += bench_model(name, table[name], device, timer, smoke=args.smoke, projection=True, stream=stream)
     for name in dict.fromkeys(r["model"] for r in all_rows):
         rr = {r["method"]: r for r in all_rows if r["model"] == name}
         if "consopt_fused+symmetry" in rr and "consopt_fused+laws" in rr:

@@ -3,7 +3,9 @@
 # Meant for one H100 with torch + triton preinstalled (no pip registry needed):
 #     bash benchmarks/gpu_check.sh [out_dir]
 # Budget: < 5 minutes (tests ~2 min including Triton compilation, benchmark ~2 min; the
-# symmetry-projection rows of the benchmark time 10 steps per model).
+# symmetry-projection rows of the benchmark time 10 steps per model and run after every step row).
+# The benchmark prints each row as it is measured and appends it to bench_step_gpu.jsonl, so a
+# timeout keeps the rows already measured.
 set -u
 cd "$(dirname "$0")/.."
 OUT="${1:-${OUT:-benchmarks}}"
