@@ -401,19 +401,26 @@ def _offsets(shape, axis: int, index: np.ndarray) -> np.ndarray:
 
 
 def _as_strided(q: np.ndarray, bases: list):
-    """(size, stride, offset) of one strided view covering every slice of a matrix-action group,
-    when the slice pattern q[i, j] (offsets of unit i, entry j) is affine and the slice bases are
-    equally spaced (attention heads in order); else None (an index gather then)."""
+    """(size, stride, offset) of one strided view [L, n, r, S] covering every slice of a
+    matrix-action group, when the slice pattern q[i, j] (offsets of unit i, entry j) is affine and
+    the sorted slice bases are b0 + l·sL + k·sb (k < n heads in order within each of L equally
+    spaced layers); else None (an index gather then)."""
     r, S = q.shape
     si = int(q[1, 0]) if r > 1 else 1
     sj = int(q[0, 1]) if S > 1 else 1
     if not np.array_equal(q, np.arange(r)[:, None] * si + np.arange(S)[None, :] * sj) or si <= 0 or sj <= 0:
         return None
-    n = len(bases)
-    sb = int(bases[1] - bases[0]) if n > 1 else 1
-    if n > 1 and (sb <= 0 or not np.array_equal(np.asarray(bases), bases[0] + sb * np.arange(n))):
+    b = np.asarray(bases, dtype=np.int64)
+    d = np.diff(b)
+    n = int(np.argmax(d != d[0])) + 1 if len(d) and (d != d[0]).any() else len(b)  # first run of equal steps
+    if len(b) % n:
         return None
-    return (n, r, S), (sb, si, sj), int(bases[0])
+    grid = b.reshape(-1, n)
+    sb = int(d[0]) if n > 1 else 1
+    sl = int(grid[1, 0] - grid[0, 0]) if len(grid) > 1 else 1
+    if sb <= 0 or sl <= 0 or not np.array_equal(grid, b[0] + sl * np.arange(len(grid))[:, None] + sb * np.arange(n)):
+        return None
+    return (len(grid), n, r, S), (sl, sb, si, sj), int(b[0])
 
 
 class FlatProjector:
@@ -908,10 +915,11 @@ class FlatProjector:
             g = G[mm["r"]][mm["sel"]]
             if mm["strided"] is not None:  # the slices as one strided view: no index gather
                 size, stride, off = mm["strided"]
+                g4 = g.view(size[0], size[1], mm["r"], mm["r"])
                 for buf in (b.param, b.mom):
                     if buf is not None:
                         x = buf.as_strided(size, stride, buf.storage_offset() + off)
-                        x.copy_((g @ x.to(torch.float64)).to(buf.dtype))
+                        x.copy_((g4 @ x.to(torch.float64)).to(buf.dtype))
                 continue
             idx = (mm["bases"] + mm["q"]).reshape(-1)
             for buf in (b.param, b.mom):

@@ -506,21 +506,34 @@ def test_matrix_action_strided_view_covers_the_gathered_slices():
         view = buf.as_strided(size, stride, buf.storage_offset() + off)
         idx = torch.as_tensor(np.stack([b + q for b in bases])).reshape(-1)
         assert torch.equal(view.reshape(-1), buf[idx])
+    # two "layers" of 3 heads each, 50 elements apart: one [2, 3, r, S] view
+    q = np.arange(2)[:, None] * 4 + np.arange(3)[None, :]
+    bases = [0, 8, 16, 50, 58, 66]
+    size, stride, off = _as_strided(q, bases)
+    assert size == (2, 3, 2, 3) and stride == (50, 8, 4, 1) and off == 0
+    idx = torch.as_tensor(np.stack([b + q for b in bases])).reshape(-1)
+    assert torch.equal(buf.as_strided(size, stride, buf.storage_offset()).reshape(-1), buf[idx])
     # an irregular pattern (units out of order) or unequal spacing: no view, the gather is used
     assert _as_strided(np.array([[0, 1], [5, 6], [2, 3]]), [0]) is None
     assert _as_strided(np.array([[0, 1]]), [0, 4, 9]) is None
+    assert _as_strided(np.array([[0, 1]]), [0, 4, 8, 50, 54]) is None  # ragged layers
 
 
+@pytest.mark.parametrize("layers", [1, 2])
 @pytest.mark.parametrize("strided", [True, False])
-def test_matrix_actions_by_strided_view_and_by_gather(monkeypatch, strided):
-    # the attention case once with its matrix slices as strided views and once through the index
-    # gather (what models whose heads are not equally spaced in memory, e.g. several layers, use)
+def test_matrix_actions_by_strided_view_and_by_gather(monkeypatch, strided, layers):
+    # attention models once with their matrix slices as strided views (one [layers, heads, r, S]
+    # view per slice pattern) and once through the index gather (irregular layouts use it)
     import consopt.projection as P
 
     if not strided:
         monkeypatch.setattr(P, "_as_strided", lambda q, bases: None)
     name = "attention"
     m, x, y, loss_fn, laws = setup(name)
+    if layers == 2:
+        torch.manual_seed(5)
+        m = M.TransformerClassifier(vocab=17, seq_len=5, d_model=8, nhead=2, layers=2, dim_ff=12).double().train().to(DEV)
+        laws = consopt.find_laws(m, (x,), loss="cross_entropy")
     h0 = laws.evaluate(m)
     opt = fused_sgd(m, laws, lr=0.01, momentum=0.9)
     sgd_steps(m, opt, x, y, loss_fn, 2)
@@ -528,8 +541,10 @@ def test_matrix_actions_by_strided_view_and_by_gather(monkeypatch, strided):
     ce = CASES[name][5] == "cross_entropy"
     out_before = output(m, x, ce)
     proj = FlatProjector(laws, opt._tracker.evaluator.tensors, opt._flat)
-    views = [mm["strided"] is not None for plan in proj._plans for mm in plan["matmul"]]
-    assert views and all(views) == strided and any(views) == strided
+    views = [mm["strided"] for plan in proj._plans for mm in plan["matmul"]]
+    assert views and all(v is not None for v in views) == strided and any(v is not None for v in views) == strided
+    if strided:
+        assert {v[0][0] for v in views} == {layers}
     stats = proj(h0)
     assert stats.converged and rel_dev(laws, params, h0) <= DEV_TOL
     out = output(m, x, ce)
