@@ -326,13 +326,13 @@ class SGD(torch.optim.SGD):
 
         if self.projection is not None and tracker is not None:
             if found_inf is None or not bool(found_inf.item()):  # a skipped step moved nothing
-                values = self._project()
+                values = self._project(values)
 
         if tracker is not None:
             tracker.advance(values, found_inf)
         return loss
 
-    def _project(self):
+    def _project(self, values: dict | None = None):
         """Put the parameters back on {h = h(θ_0)} (consopt.projection); momentum is transported.
 
         On the fused path the symmetry projection runs on the flat buffers
@@ -342,9 +342,9 @@ class SGD(torch.optim.SGD):
         from .projection import project
 
         if self.projection == "symmetry" and self._use_fused and self._flat is not None and self._fused_ok:
-            values = self._project_flat()
-            if values is not _FALLBACK:
-                return values
+            projected = self._project_flat(values)
+            if projected is not _FALLBACK:
+                return projected
         tensors = self._tracker.evaluator.tensors
         buffers = {}
         for name, p in tensors.items():
@@ -354,8 +354,10 @@ class SGD(torch.optim.SGD):
         self.projection_stats = project(self.laws, tensors, self._tracker.h0, self.projection, buffers=buffers)
         return None  # re-evaluated by the tracker
 
-    def _project_flat(self):
-        """The symmetry projection on the flat buffers; _FALLBACK if its first use fails."""
+    def _project_flat(self, values: dict | None = None):
+        """The symmetry projection on the flat buffers; _FALLBACK if its first use fails.
+        `values`: h after the step, from the fused kernels (lets a step already on the level set
+        skip every pass)."""
         from .projection import FlatProjector
 
         if self._projector is False:
@@ -366,7 +368,7 @@ class SGD(torch.optim.SGD):
             if first:
                 self._projector = FlatProjector(self.laws, self._tracker.evaluator.tensors, self._flat)
                 snapshot = self._snapshot_flat(grads=False)  # first use: kernels compile now
-            self.projection_stats = self._projector(self._tracker.h0)
+            self.projection_stats = self._projector(self._tracker.h0, values=values)
         except Exception as e:  # noqa: BLE001 - only on the first projected step, see above
             if not first:
                 raise

@@ -549,3 +549,31 @@ def test_matrix_actions_by_strided_view_and_by_gather(monkeypatch, strided, laye
     assert stats.converged and rel_dev(laws, params, h0) <= DEV_TOL
     out = output(m, x, ce)
     assert float((out - out_before).norm() / out_before.norm()) <= 1e-10
+
+
+def test_a_step_already_on_the_level_set_skips_the_projection():
+    # after projected steps, a step that moves nothing (lr = 0) is already within the tolerance:
+    # the fused step's own law values show it, so the projector reads and writes nothing
+    m, x, y, loss_fn, laws = setup("mlp")
+    h0 = laws.evaluate(m)
+    opt = fused_sgd(m, laws, lr=0.01, momentum=0.9, projection="symmetry")
+    sgd_steps(m, opt, x, y, loss_fn, 2)
+    assert opt.projection_stats.rounds >= 1 and opt.projection_stats.converged
+    proj = opt._projector
+    calls = []
+    real = proj._measure.values
+    proj._measure.values = lambda: (calls.append(1), real())[1]
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    for g in opt.param_groups:
+        g["lr"] = 0.0
+    sgd_steps(m, opt, x, y, loss_fn, 1)
+    st = opt.projection_stats
+    assert st.rounds == 0 and st.converged and st.max_residual <= 1e-12 and not calls
+    assert all(torch.equal(p.detach(), before[n]) for n, p in m.named_parameters())
+    assert rel_dev(laws, dict(m.named_parameters()), h0) <= DEV_TOL
+    # and a step that moves: measured and projected again
+    for g in opt.param_groups:
+        g["lr"] = 0.01
+    sgd_steps(m, opt, x, y, loss_fn, 1)
+    assert opt.projection_stats.rounds >= 1 and calls
+    assert rel_dev(laws, dict(m.named_parameters()), h0) <= DEV_TOL
