@@ -31,16 +31,13 @@ import torch
 from .discover import LAYOUT_OPS, _compress, _expand, _opname, apply_layout, modules_of
 from .laws import Family, Term
 
+# ops that pass a shift on unchanged (averages of a constant are that constant)
 _UNIFORM_PASS = {"clone", "contiguous", "alias", "_to_copy", "to", "lift_fresh_copy", "avg_pool1d", "avg_pool2d",
                  "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "identity"}
 SHIFT_PASS = {"ushift": _UNIFORM_PASS,  # no neg: the output shift must keep its sign
-              "token": {"clone", "contiguous", "alias", "_to_copy", "to", "lift_fresh_copy", "neg", "avg_pool1d",
-                        "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
-                        "adaptive_avg_pool3d", "identity"},
-              "channel": {"clone", "contiguous", "alias", "_to_copy", "to", "lift_fresh_copy", "neg", "avg_pool1d",
-                          "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
-                          "adaptive_avg_pool3d", "max_pool1d", "max_pool2d", "max_pool3d", "max_pool2d_with_indices",
-                          "identity"}}
+              "token": _UNIFORM_PASS | {"neg"},
+              # a per-channel constant also passes a max over positions of that channel
+              "channel": _UNIFORM_PASS | {"neg", "max_pool1d", "max_pool2d", "max_pool3d", "max_pool2d_with_indices"}}
 SCALE_PASS = {"clone", "contiguous", "alias", "_to_copy", "to", "lift_fresh_copy", "neg", "relu", "leaky_relu",
               "max_pool1d", "max_pool2d", "max_pool3d", "max_pool2d_with_indices", "avg_pool1d", "avg_pool2d",
               "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "identity",

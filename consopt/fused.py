@@ -316,6 +316,7 @@ class FlatBuffer:
         # element offset of each segment's grad from self.grad (its own base while grads are our views)
         self.goff_host = np.array([g.base for g in self.segs], dtype=np.int64)
         self.goff = torch.from_numpy(self.goff_host.copy()).to(device)
+        self.goff_aligned = bool((self.goff_host % 4 == 0).all())  # the kernel's GALIGNED hint
         # the segment table (offset, numel, n0, n1, inner) with [n0, n1, inner] the axis-1 view
         seg_rows = [[g.base, g.numel, g.n0, (g.shape[1] if len(g.shape) > 1 else 1),
                      (g.K // g.shape[1] if len(g.shape) > 1 and g.shape[1] else 1)] for g in self.segs]
@@ -514,6 +515,7 @@ class FlatGroup:
                 _upload(b.active, act.astype(np.int32))
             if not np.array_equal(goff, b.goff_host):
                 b.goff_host = goff
+                b.goff_aligned = bool((goff % 4 == 0).all())
                 _upload(b.goff, goff)
         if dst:
             with torch.no_grad():
@@ -1205,10 +1207,10 @@ def fused_sgd_step(group: FlatGroup, lr, momentum: float = 0.0, dampening: float
         else:
             tables = b.plain_tables(group.target)
             scratch = b.const_flags(0)  # never written: stats are off
-        galigned = bool((b.goff_host % 4 == 0).all())  # where this step's grads sit (see prepare())
         for (bx, by, vec, gr, gc, ca, al), table in tables:
             K_.launch_sgd_stats(b.param, b.grad, b.mom, table, b.active, hb, scratch, block=(bx, by), vec=vec,
-                                gram_r=gr, gram_c=gc, colacc=ca, aligned=al, galigned=galigned, stats=compiled_laws is not None, update=True, goff=b.goff, lr=lr_a,
+                                gram_r=gr, gram_c=gc, colacc=ca, aligned=al, galigned=b.goff_aligned,
+                                stats=compiled_laws is not None, update=True, goff=b.goff, lr=lr_a,
                                 momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                                 nesterov=nesterov, maximize=maximize, grad_scale=gs, found_inf=fi)
         if compiled_laws is not None:

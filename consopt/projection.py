@@ -116,11 +116,7 @@ def _diag_symmetry(s: _Slices, h0, euclid: bool):
         up, down = torch.where(ok, 1 / (1 - lam), torch.ones_like(lam)), torch.where(ok, 1 / (1 + lam), torch.ones_like(lam))
         move_buffers = False
     else:
-        # u = a²: p u² − h₀ u − c = 0, positive root (u = −c/h₀ when the producer side is zero)
-        disc = h0 * h0 + 4 * p * c
-        u = torch.where(p > 0, (h0 + torch.sqrt(disc.clamp_min(0))) / (2 * p).clamp_min(1e-300), -c / h0)
-        ok = (p + c > 0) & torch.isfinite(u) & (u > 0)
-        a = torch.where(ok, torch.sqrt(torch.where(ok, u, torch.ones_like(u))), torch.ones_like(u))
+        a, ok = _rescale(p, c, h0)
         up, down = a, 1 / a
         move_buffers = True
     for i, t in enumerate(s.fam.terms):
@@ -131,14 +127,25 @@ def _diag_symmetry(s: _Slices, h0, euclid: bool):
     return ok
 
 
+def _rescale(p, c, h0):
+    """The unit scale a of the symmetry action onto ‖a·prod‖² − ‖cons/a‖² = h₀ (p, c: the producer
+    and consumer sums of squares): u = a² is the positive root of p u² − h₀ u − c = 0 (u = −c/h₀
+    when the producer side is zero). Returns (a, ok); a = 1 where no positive root exists."""
+    disc = h0 * h0 + 4 * p * c
+    u = torch.where(p > 0, (h0 + torch.sqrt(disc.clamp_min(0))) / (2 * p).clamp_min(1e-300), -c / h0)
+    ok = (p + c > 0) & torch.isfinite(u) & (u > 0)
+    return torch.where(ok, torch.sqrt(torch.where(ok, u, torch.ones_like(u))), torch.ones_like(u)), ok
+
+
 def _lyapunov(S, R):
-    """Solve X S + S X = R for symmetric X (S symmetric PSD); directions with λ_i + λ_j ≈ 0 are dropped."""
+    """Solve X S + S X = R for symmetric X (S symmetric PSD; a batch [..., r, r] solves each).
+    Directions with λ_i + λ_j ≈ 0 are dropped. Returns (X, the dropped directions' mask)."""
     lam, U = torch.linalg.eigh(S)
-    denom = lam[:, None] + lam[None, :]
-    tiny = denom.abs() <= 1e-12 * max(float(lam.abs().max()), 1e-300)
-    Rt = U.T @ R @ U
+    denom = lam[..., :, None] + lam[..., None, :]
+    tiny = denom.abs() <= 1e-12 * lam.abs().amax(-1).clamp_min(1e-300)[..., None, None]
+    Rt = U.mT @ R @ U
     Xt = torch.where(tiny, torch.zeros_like(Rt), Rt / torch.where(tiny, torch.ones_like(denom), denom))
-    return U @ Xt @ U.T, int(tiny.sum())
+    return U @ Xt @ U.mT, tiny
 
 
 def _matrix_step(s: _Slices, h0, euclid: bool):
@@ -147,7 +154,7 @@ def _matrix_step(s: _Slices, h0, euclid: bool):
     C = _gram(neg, True) if neg else torch.zeros_like(P)
     R = h0 - (P - C)
     R = (R + R.T) / 2
-    X, dropped = _lyapunov(P + C, R)
+    X, tiny = _lyapunov(P + C, R)
     r = X.shape[0]
     eye = torch.eye(r, dtype=X.dtype, device=X.device)
     if euclid:
@@ -165,7 +172,7 @@ def _matrix_step(s: _Slices, h0, euclid: bool):
         s.m[i] = g @ s.m[i]
         if move_buffers and s.b[i] is not None:
             s.b[i] = g @ s.b[i]
-    return dropped == 0
+    return not bool(tiny.any())
 
 
 def _translation(s: _Slices, h0):
@@ -892,12 +899,7 @@ class FlatProjector:
         one = torch.ones(1, dtype=torch.float64, device=dev)
         d = plan["diag"]
         if d is not None:
-            p, c, h0 = v[d["p"]], v[d["c"]], H0[d["h0"]]
-            # u = a²: p u² − h₀ u − c = 0, positive root (u = −c/h₀ when the producer side is zero)
-            disc = h0 * h0 + 4 * p * c
-            u = torch.where(p > 0, (h0 + torch.sqrt(disc.clamp_min(0))) / (2 * p).clamp_min(1e-300), -c / h0)
-            good = (p + c > 0) & torch.isfinite(u) & (u > 0)
-            a = torch.where(good, torch.sqrt(torch.where(good, u, torch.ones_like(u))), torch.ones_like(u))
+            a, good = _rescale(v[d["p"]], v[d["c"]], H0[d["h0"]])
             ok[d["ok"]] = good
             F = torch.cat([one, a, 1 / a])[plan["F_src"]]
         else:
@@ -910,13 +912,8 @@ class FlatProjector:
             R = H0[m["h0"]].view(n, r, r) - (P - C)
             R = (R + R.mT) / 2
             S = P + C
-            # X S + S X = R in S's eigenbasis: X̃_ij = R̃_ij / (λ_i + λ_j), directions with λ_i + λ_j ≈ 0 dropped
-            lam, U = torch.linalg.eigh((S + S.mT) / 2)
-            denom = lam[:, :, None] + lam[:, None, :]
-            tiny = denom.abs() <= 1e-12 * lam.abs().amax(-1).clamp_min(1e-300)[:, None, None]
-            Rt = U.mT @ R @ U
-            Xt = torch.where(tiny, torch.zeros_like(Rt), Rt / torch.where(tiny, torch.ones_like(denom), denom))
-            A = torch.eye(r, dtype=torch.float64, device=dev) + U @ Xt @ U.mT
+            X, tiny = _lyapunov((S + S.mT) / 2, R)
+            A = torch.eye(r, dtype=torch.float64, device=dev) + X
             G[r] = torch.cat([A, torch.linalg.inv_ex(A).inverse.mT])  # producers: A, consumers: A⁻ᵀ
             ok[m["ok"]] = ~tiny.flatten(1).any(1)
         D = None

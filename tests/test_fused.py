@@ -374,7 +374,7 @@ def test_aligned_and_unaligned_tiles_and_grads():
             q.grad = gr.clone()
         vals = F.fused_sgd_step(g, 0.1, momentum=0.9, compiled_laws=c)
         if step == 1:
-            assert not bool((g.buffers[0].goff_host % 4 == 0).all())
+            assert not bool((g.buffers[0].goff_host % 4 == 0).all()) and not g.buffers[0].goff_aligned
         opt.step()
         for p, q in zip(ps, refs):
             _check_close(p.detach(), q.detach(), torch.float32, f"aligned step {step}")
