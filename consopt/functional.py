@@ -150,6 +150,23 @@ def _axis_from_cols(c: Tensor, rest_shape, a: int) -> Tensor:
     return c.sum(dims) if dims else c
 
 
+# Row-block height of the compiled column sums: Σ over dim 0 of [n0, rest] as Σ_blocks Σ_rows-in-block,
+# so each inner reduction walks `_COL_BLOCK` consecutive rows (one contiguous stretch of memory)
+# instead of striding through all n0 rows per column vector; measured on a 2-core AVX-512 CPU with
+# the parameter out of cache: 1.74 ms → 1.08 ms for a 512 × 4608 float32 weight (a plain copy: 1.04 ms).
+_COL_BLOCK = 32
+
+
+def _colsum(x: Tensor) -> Tensor:
+    """Σ over dim 0 of a 2-D float64 expression, in row blocks (see `_COL_BLOCK`)."""
+    n0 = x.shape[0]
+    nb = n0 // _COL_BLOCK
+    if nb < 2:
+        return x.sum(0)
+    c = x[: nb * _COL_BLOCK].reshape(nb, _COL_BLOCK, -1).sum(1).sum(0)
+    return c + x[nb * _COL_BLOCK:].sum(0) if n0 % _COL_BLOCK else c
+
+
 def _graph_param_stats(p: Tensor, spec: tuple) -> list:
     """`param_axis_stats` as one expression per statistic (no chunks: for torch.compile, which
     fuses the float64 conversion, squares and reductions into a single pass over p)."""
@@ -167,12 +184,12 @@ def _graph_param_stats(p: Tensor, spec: tuple) -> list:
     rest_shape = p.shape[1:]
     x = p.to(_F64).reshape(p.shape[0], -1)
     if sum_axes or rest_sum:
-        c = x.sum(0)
+        c = _colsum(x)
         for a in sum_axes:
             out.append(x.sum(1) if a == 0 else _axis_from_cols(c, rest_shape, a))
     if sq_axes:
         s = x * x
-        c2 = s.sum(0)
+        c2 = _colsum(s)
         for a in sq_axes:
             out.append(s.sum(1) if a == 0 else _axis_from_cols(c2, rest_shape, a))
     if rest_sum:
