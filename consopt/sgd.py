@@ -1,7 +1,9 @@
 """`consopt.SGD`: `torch.optim.SGD` that tracks the exact deviation of every conserved function.
 
 The update is torch's own (`torch.optim.sgd.sgd`, the functional behind `torch.optim.SGD`), so
-parameters and momentum buffers are bitwise those of `torch.optim.SGD`. With `laws`, the
+parameters and momentum buffers are bitwise those of `torch.optim.SGD` (with
+tracking_backend="compile" on the CPU: the same arithmetic as one compiled graph,
+`consopt.compiled_update`, checked bit for bit against torch's; on CUDA: the fused Triton step). With `laws`, the
 optimizer also records h(θ_0) when tracking starts and h(θ_t) after every step, in float64
 (`consopt.functional.LawEvaluator`), so that `deviation()` = h(θ_t) − h(θ_0) is free to read.
 """
@@ -223,6 +225,7 @@ class SGD(torch.optim.SGD):
         self._published = {}  # id(p) -> the momentum view we put in self.state[p]
         self._fused_ok = False  # a fused step has completed (kernels compiled and ran)
         self._projector = None  # FlatProjector on the fused path (False: its first use failed)
+        self._cpu_update = None  # consopt.compiled_update.CompiledUpdate (tracking_backend="compile")
         if laws is not None:
             self._tracker = _LawTracker(laws, self._bind(laws))
 
@@ -282,6 +285,7 @@ class SGD(torch.optim.SGD):
         d["_use_fused"], d["_flat"], d["_compiled"], d["_published"] = None, None, None, {}
         d["_fused_ok"] = False
         d["_projector"] = None
+        d["_cpu_update"] = None
         d.setdefault("_force_triton", False)
         if d["_law_names"] is None:
             d["_law_names"] = {}
@@ -321,7 +325,7 @@ class SGD(torch.optim.SGD):
             if values is _FALLBACK:
                 values = None
                 self._torch_step()
-        else:
+        elif not self._compiled_cpu_step():
             self._torch_step()
 
         if self.projection is not None and tracker is not None:
@@ -520,6 +524,47 @@ class SGD(torch.optim.SGD):
                 for p, momentum_buffer in zip(params, momentum_buffer_list, strict=True):
                     self.state[p]["momentum_buffer"] = momentum_buffer
 
+    def _compiled_cpu_step(self) -> bool:
+        """With tracking_backend="compile" on the CPU: torch's update as one compiled graph
+        (`consopt.compiled_update`, bitwise torch's, checked at its first call). False when it
+        does not apply (first step with momentum, GradScaler, fused/differentiable groups,
+        dtypes other than float32/float64, tensor hyperparameters that need grad, …): then
+        torch's own update runs."""
+        from .compiled_update import CompiledUpdate, Segment
+
+        if self._tracker is None or self._tracker.evaluator.backend != "compile":
+            return False
+        if getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None:
+            return False
+        if self._cpu_update is None:
+            self._cpu_update = CompiledUpdate()
+        if self._cpu_update.disabled is not None:
+            return False
+        segments = []
+        for group in self.param_groups:
+            if group["differentiable"] or group["fused"]:
+                return False
+            lr = group["lr"]
+            if isinstance(lr, Tensor):
+                if lr.requires_grad or lr.numel() != 1:
+                    return False
+                lr = lr.item()
+            hyper = [group[k] for k in ("momentum", "dampening", "weight_decay")]
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in [lr] + hyper):
+                return False
+            params, grads, bufs = [], [], []
+            for p in group["params"]:
+                if p.grad is not None:
+                    params.append(p)
+                    grads.append(p.grad)
+                    bufs.append(self.state[p].get("momentum_buffer") if group["momentum"] != 0 else None)
+            seg = Segment(params, grads, bufs, float(lr), *map(float, hyper), nesterov=bool(group["nesterov"]),
+                          maximize=bool(group["maximize"]), foreach=bool(group["foreach"]))
+            if not CompiledUpdate.applicable(seg):
+                return False
+            segments.append(seg)
+        return self._cpu_update(segments)
+
     def _check_law_grads(self) -> None:
         for name, p in self._law_params:
             g = p.grad
@@ -568,8 +613,11 @@ class SGD(torch.optim.SGD):
         "eager" (default): chunked float64 torch ops (``consopt.functional.LawEvaluator``).
         "compile": the per-parameter statistics in one ``torch.compile``d graph (one fused pass
         over each parameter; the first step compiles, which takes seconds; falls back to
-        "eager" with a warning if compilation fails). Both match a float64 re-evaluation to
-        ~1e-15 × scale; bitwise reproducibility (e.g. of a resumed run) holds within a backend.
+        "eager" with a warning if compilation fails). On the CPU the update itself then also
+        runs as one compiled graph (`consopt.compiled_update`: one pass per tensor instead of
+        torch's two to four, bitwise torch's result, checked against torch's update at its first
+        call). Both backends match a float64 re-evaluation to ~1e-15 × scale; bitwise
+        reproducibility of the deviations (e.g. of a resumed run) holds within a backend.
         """
         return None if self._tracker is None else self._tracker.evaluator.backend
 

@@ -1,0 +1,211 @@
+"""consopt.compiled_update: torch.optim.SGD's update as one compiled CPU graph
+(tracking_backend="compile"), bitwise against torch.optim.SGD, and its safety nets."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import warnings
+import zlib
+
+import pytest
+import torch
+
+import consopt
+import consopt.compiled_update as CU
+
+from _models import MLP, mlp_laws
+
+# torch.compile's CPU backend builds C++: without a compiler the optimizer falls back to torch's
+# update (tested below with a simulated failure), and there is nothing compiled to check.
+pytestmark = pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                                reason="no C++ compiler for torch.compile's CPU backend")
+
+
+def _seed_of(*parts) -> int:
+    return zlib.crc32(repr(parts).encode()) & 0x7FFFFFFF
+
+
+def _bits(a: torch.Tensor) -> torch.Tensor:
+    return a.detach().contiguous().view(torch.int32 if a.element_size() == 4 else torch.int64)
+
+
+def _groups(model, n_groups, lr, wd):
+    ps = list(model.parameters())
+    if n_groups == 1:
+        return [{"params": ps}]
+    lr2 = lr * 0.5 if not torch.is_tensor(lr) else torch.tensor(float(lr) * 0.5)
+    return [{"params": ps[0:2]}, {"params": ps[2:4], "lr": lr2, "weight_decay": wd * 3},
+            {"params": ps[4:], "weight_decay": 0.0}]
+
+
+def _pair(mom, damp, nesterov, wd, maximize, lr_kind, n_groups, foreach, dtype, seed):
+    torch.manual_seed(seed)
+    ref = MLP(d_in=7, h1=13, h2=1, d_out=3).to(dtype)  # h2 = 1: a 1-element bias, a 1-wide layer
+    mod = copy.deepcopy(ref)
+    lr = 0.05 if lr_kind == "float" else torch.tensor(0.05)
+
+    def make(cls, model, **extra):
+        lr_ = lr.clone() if torch.is_tensor(lr) else lr
+        return cls(_groups(model, n_groups, lr_, wd), lr=lr_, momentum=mom, dampening=damp, weight_decay=wd,
+                   nesterov=nesterov, maximize=maximize, foreach=foreach, **extra)
+
+    o_ref = make(torch.optim.SGD, ref)
+    o_mod = make(consopt.SGD, mod, laws=mlp_laws(mod))
+    o_mod.tracking_backend = "compile"
+    return ref, mod, o_ref, o_mod
+
+
+def _grads(ref, mod, g, dtype, drop_bias=False):
+    for p_ref, p_mod in zip(ref.parameters(), mod.parameters()):
+        gr = torch.randn(p_ref.shape, generator=g).to(dtype)
+        p_ref.grad, p_mod.grad = gr, gr.clone()
+    if drop_bias:  # a parameter without gradient this step (torch skips it)
+        ref.fc3.bias.grad = mod.fc3.bias.grad = None
+
+
+def _assert_same(ref, mod, o_ref, o_mod):
+    for (n, p_ref), p_mod in zip(ref.named_parameters(), mod.parameters()):
+        assert torch.equal(_bits(p_ref), _bits(p_mod)), n
+        assert (p_ref.grad is None) == (p_mod.grad is None), n
+        if p_ref.grad is not None:  # torch's foreach nesterov path adds into the gradients
+            assert torch.equal(_bits(p_ref.grad), _bits(p_mod.grad)), n
+        b_ref, b_mod = (o.state[p].get("momentum_buffer") for o, p in ((o_ref, p_ref), (o_mod, p_mod)))
+        assert (b_ref is None) == (b_mod is None), n
+        if b_ref is not None:
+            assert torch.equal(_bits(b_ref), _bits(b_mod)), n
+
+
+CONFIGS = [  # (momentum, dampening, nesterov, wd, maximize, lr kind, groups, foreach, dtype)
+    (0.9, 0.0, True, 1e-2, False, "tensor", 3, True, torch.float32),  # group 3: nesterov writes grads
+    (0.9, 0.3, False, 0.0, True, "float", 1, False, torch.float32),
+    (0.0, 0.0, False, 1e-2, False, "float", 1, True, torch.float32),
+    (0.9, 0.0, True, 0.0, False, "float", 1, True, torch.float32),
+    (0.9, 0.0, False, 1e-2, True, "tensor", 3, False, torch.float64),
+]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "-".join(map(str, c)).replace("torch.", ""))
+def test_compiled_update_bitwise(cfg):
+    """30 steps, a parameter without gradient every 7th step: params, momentum and grads are
+    torch.optim.SGD's bit for bit, and the compiled graphs ran (not torch's fallback)."""
+    *hp, dtype = cfg
+    seed = _seed_of(cfg)
+    ref, mod, o_ref, o_mod = _pair(*hp, dtype, seed)
+    g = torch.Generator().manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="consopt", category=RuntimeWarning)  # no silent fallback
+        for step in range(30):
+            _grads(ref, mod, g, dtype, drop_bias=step % 7 == 3)
+            o_ref.step()
+            o_mod.step()
+    _assert_same(ref, mod, o_ref, o_mod)
+    cu = o_mod._cpu_update
+    assert cu is not None and cu.disabled is None
+    assert 1 <= cu.builds <= 2  # all parameters with grads, and the steps without fc3.bias's
+    assert o_mod.tracked_steps == 30
+
+
+def test_compiled_update_deviation_exact():
+    """Deviations after compiled updates equal a float64 re-evaluation (SPEC §6)."""
+    torch.manual_seed(_seed_of("dev"))
+    model = MLP()
+    laws = mlp_laws(model)
+    h0, s0 = laws.evaluate(model), laws.scale(model)
+    opt = consopt.SGD(model.parameters(), lr=0.1, momentum=0.9, laws=laws)
+    opt.tracking_backend = "compile"
+    g = torch.Generator().manual_seed(_seed_of("dev-data"))
+    for _ in range(5):
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+    assert opt._cpu_update.builds == 1 and opt._cpu_update.disabled is None
+    h, s1 = laws.evaluate(model), laws.scale(model)
+    for k, d in opt.deviation().items():
+        scale = torch.maximum(s0[k], s1[k])
+        assert float(((d - (h[k] - h0[k])).abs() / scale).max()) <= 1e-12, k
+
+
+def test_lr_schedule_does_not_rebuild():
+    """Hyperparameters are graph inputs: a scheduler changing lr every step builds one graph."""
+    ref, mod, o_ref, o_mod = _pair(0.9, 0.0, False, 1e-3, False, "float", 1, False, torch.float32, 1)
+    s_ref = torch.optim.lr_scheduler.OneCycleLR(o_ref, max_lr=0.1, total_steps=12)  # cycles momentum too
+    s_mod = torch.optim.lr_scheduler.OneCycleLR(o_mod, max_lr=0.1, total_steps=12)
+    g = torch.Generator().manual_seed(_seed_of("sched"))
+    for _ in range(12):
+        _grads(ref, mod, g, torch.float32)
+        o_ref.step()
+        o_mod.step()
+        s_ref.step()
+        s_mod.step()
+    _assert_same(ref, mod, o_ref, o_mod)
+    assert o_mod._cpu_update.builds == 1
+
+
+def test_layout_change_rebuilds():
+    """A gradient with other strides fails the graph's guards: a new graph is built and checked
+    (never an eager re-run of the traced function)."""
+    ref, mod, o_ref, o_mod = _pair(0.9, 0.0, False, 0.0, False, "float", 1, False, torch.float32, 2)
+    g = torch.Generator().manual_seed(_seed_of("layout"))
+    for step in range(4):
+        _grads(ref, mod, g, torch.float32)
+        if step == 3:  # fc1.weight's gradient as a transposed (column-major) tensor
+            mod.fc1.weight.grad = mod.fc1.weight.grad.t().contiguous().t()
+            assert not mod.fc1.weight.grad.is_contiguous()
+        o_ref.step()
+        o_mod.step()
+    _assert_same(ref, mod, o_ref, o_mod)
+    assert o_mod._cpu_update.builds == 2 and o_mod._cpu_update.disabled is None
+
+
+def _eager_two_roundings(flags):
+    """An update with torch's formula but p + (−lr · d) rounded twice: differs in the last bit."""
+
+    def run(tensors, hypers):
+        for (n, mom, nest, maximize, wd, _), (ps, gs, bs), (neg_lr, mu, damp1, lam) in zip(flags, tensors, hypers):
+            for i in range(n):
+                d = -gs[i] if maximize else gs[i]
+                if wd:
+                    d = d + lam * ps[i]
+                if mom:
+                    bs[i].mul_(mu).add_(d * damp1)
+                    d = d + mu * bs[i] if nest else bs[i]
+                ps[i].add_(neg_lr * d)
+
+    return run
+
+
+def test_mismatch_keeps_torch_result(monkeypatch):
+    """A graph whose bits differ from torch's: that step keeps torch's result, a warning says
+    so, and torch's update runs from then on."""
+    monkeypatch.setattr(CU, "update_graph", _eager_two_roundings)
+    ref, mod, o_ref, o_mod = _pair(0.9, 0.0, False, 1e-2, False, "float", 1, False, torch.float32, 3)
+    g = torch.Generator().manual_seed(_seed_of("mismatch"))
+    with pytest.warns(RuntimeWarning, match="differs from torch's"):
+        for _ in range(4):
+            _grads(ref, mod, g, torch.float32)
+            o_ref.step()
+            o_mod.step()
+    _assert_same(ref, mod, o_ref, o_mod)
+    assert "differs" in o_mod._cpu_update.disabled
+
+
+def test_compile_failure_falls_back(monkeypatch):
+    """torch.compile failing (e.g. no C++ compiler): nothing is half-applied, torch's update runs."""
+
+    def broken(flags):
+        def run(tensors, hypers):
+            tensors[0][0][0].add_(1.0)  # partly applied, then the failure
+            raise RuntimeError("no C++ compiler")
+
+        return run
+
+    monkeypatch.setattr(CU, "update_graph", broken)
+    ref, mod, o_ref, o_mod = _pair(0.9, 0.0, True, 0.0, True, "float", 1, True, torch.float32, 4)
+    g = torch.Generator().manual_seed(_seed_of("broken"))
+    with pytest.warns(RuntimeWarning, match="torch.compile failed"):
+        for _ in range(3):
+            _grads(ref, mod, g, torch.float32)
+            o_ref.step()
+            o_mod.step()
+    _assert_same(ref, mod, o_ref, o_mod)
