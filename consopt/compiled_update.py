@@ -107,7 +107,8 @@ def update_graph(flags: tuple):
                 p.copy_(fma(d, neg_lr, p))
 
     sgd_update.__code__ = sgd_update.__code__.replace(co_name=f"consopt_sgd_update_{next(_IDS)}")
-    return torch.compile(sgd_update, dynamic=False, fullgraph=True)
+    return torch.compile(sgd_update, dynamic=False, fullgraph=True,
+                         options={"size_asserts": False})
 
 
 def _bits_equal(a: Tensor, b: Tensor) -> bool:

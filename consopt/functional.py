@@ -211,7 +211,8 @@ def _compile_values(values_fn):
         return values_fn(ps, True)
 
     law_values.__code__ = law_values.__code__.replace(co_name=f"consopt_law_values_{next(_COMPILED_IDS)}")
-    return torch.compile(law_values, dynamic=False, fullgraph=True)
+    return torch.compile(law_values, dynamic=False, fullgraph=True,
+                         options={"size_asserts": False})
 
 
 def _check_index(f: Family, t: Term, idx: Tensor, n: int) -> None:

@@ -83,7 +83,8 @@ class _LawTracker:
             return {n: torch.zeros(self.laws[n].shape(shapes), dtype=torch.float64, device=self.family_device(n))
                     for n in self.names}
         h = self.current()
-        return {n: h[n] - self.h0[n] for n in self.names}
+        names = self.names
+        return dict(zip(names, torch._foreach_sub([h[n] for n in names], [self.h0[n] for n in names])))
 
     def stats(self) -> dict:
         if not self.started:
