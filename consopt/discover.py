@@ -260,9 +260,11 @@ def _consume_last(w: _Walk, x, W: str, axis: int, node):
     w.ch.term(ids, positions, W, axis, -1)
 
 
-def _consume_dim(w: _Walk, x, W: str, axis: int, dim: int, repeat: int = 1):
+def _consume_dim(w: _Walk, x, W: str, axis: int, dim: int, repeat: int = 1, groups: int = 1):
     """The input's tags along `dim` are read by parameter W along `axis`; with `repeat` = m,
-    input channel i is read by the m slices i·m … i·m+m−1 (a depthwise conv's rows)."""
+    input channel i is read by the m slices i·m … i·m+m−1 (a depthwise conv's rows); with
+    `groups` = G (a grouped conv, c = n/G input channels per group), input channel g·c + j is
+    read by block g of column j: position j·G + g of the refined axis (`Term.groups`)."""
     t = w.tag(x)
     if t is None:
         return
@@ -271,8 +273,13 @@ def _consume_dim(w: _Walk, x, W: str, axis: int, dim: int, repeat: int = 1):
     if any(s > 1 for i, s in enumerate(t.shape) if i != dim):
         w.ch.restrict(t, NONE)
         return
-    ids, positions = _group_positions(t.reshape(-1).repeat_interleave(repeat))
-    w.ch.term(ids, positions, W, axis, -1)
+    vec = t.reshape(-1).repeat_interleave(repeat)
+    if groups > 1:
+        c = vec.numel() // groups
+        p = torch.arange(vec.numel())
+        vec = vec[(p % groups) * c + p // groups]  # refined position p = j·G + g holds channel g·c + j
+    ids, positions = _group_positions(vec)
+    w.ch.term(ids, positions, W, axis if groups == 1 else (axis, groups), -1)
 
 
 @rule("linear")
@@ -315,14 +322,18 @@ def _conv(w: _Walk, node):
     else:
         # Grouped conv: output channel o is row o of W (any group), so rows rescale freely; mixing
         # rows across groups would break the grouping, so outputs get the diagonal group (the
-        # within-group GL is dropped: conservative). Input channel i is read by column i mod c of
-        # its group's rows only; with one input channel per group (depthwise, c = 1) that is the
-        # rows i·m … i·m+m−1, a diagonal consumer. Wider groups need a 2-D slice: no law there.
+        # within-group GL is dropped: conservative). Input channel i = g·c + j is read by column j
+        # of group g's rows only: with one input channel per group (depthwise, c = 1) the rows
+        # i·m … i·m+m−1; otherwise block g of column j (a refined axis, `Term.groups`). Either
+        # way a diagonal consumer.
         level = DIAG
         t = w.tag(x)
-        if w.shape(weight)[1] == 1 and t is not None:
+        if t is not None:
             w.ch.restrict(t, DIAG)
-            _consume_dim(w, x, W, 0, 1, repeat=shape[1] // groups)
+            if w.shape(weight)[1] == 1:
+                _consume_dim(w, x, W, 0, 1, repeat=shape[1] // groups)
+            else:
+                _consume_dim(w, x, W, 1, 1, groups=groups)
         else:
             w.break_all(node)
     ids, out = w.new_out(shape[1], level, shape, 1)
@@ -930,7 +941,7 @@ def _resolve(walk: _Walk, param_order: dict):
 
     def key_order(k):
         P, axis, s = keys[k]
-        return (-s, param_order.get(P, 1 << 30), axis)
+        return (-s, param_order.get(P, 1 << 30), axis if isinstance(axis, tuple) else (axis, 1))
 
     families = []
     for sig, rs in blocks.items():
@@ -942,7 +953,8 @@ def _resolve(walk: _Walk, param_order: dict):
         for k in kset:
             idx = np.stack([POS[where[r][k][0]:where[r][k][1]] for r in rs])
             P, axis, sgn = keys[k]
-            fam_terms.append(Term(P, axis, torch.from_numpy(idx.astype(np.int64)), sgn))
+            axis, G = axis if isinstance(axis, tuple) else (axis, 1)  # (axis, groups): a refined axis
+            fam_terms.append(Term(P, axis, torch.from_numpy(idx.astype(np.int64)), sgn, G))
         lvl = sig[2]
         tr = set().union(*(traits[r] for r in rs))
         if "qk" in tr:

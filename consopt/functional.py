@@ -276,7 +276,7 @@ class LawEvaluator:
         self._stats: "OrderedDict[str, _StatsSpec]" = OrderedDict()
         diag, matrix, vector, generic = [], [], [], []
         for f in laws.families:
-            ok = len(f.terms) > 0 and all(tensors[t.param].ndim >= 1 for t in f.terms)
+            ok = len(f.terms) > 0 and all(tensors[t.param].ndim >= 1 and t.groups == 1 for t in f.terms)
             if ok and f.form == "diag" and f.order in (1, 2):
                 diag.append(f)
             elif ok and f.form == "matrix" and f.order == 2:

@@ -671,7 +671,7 @@ class CompiledLaws:
             key = self._resolve(t.param)
             g = geoms[key]
             nd = len(g.shape)
-            if nd == 0:
+            if nd == 0 or t.groups != 1:  # refined (grouped-conv) axes: not in the kernel tables
                 return None
             if not -nd <= t.axis < nd:
                 raise IndexError(f"law {f.name!r}: axis {t.axis} out of range for parameter {t.param!r} "

@@ -3,6 +3,7 @@
 Every law consopt knows is a sum of signed terms, each term a slice of one parameter:
 
     M_t = P_t.movedim(axis_t, 0)[index_t].reshape(units, -1)        # [units, K_t]
+    (grouped convolutions refine the axis into axis × groups blocks: `Term.groups`)
 
 and a family's value is, in float64,
 
@@ -30,26 +31,45 @@ KINDS = ("rescale", "linear", "stream", "attention_qk", "attention_vo", "gate", 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Term:
-    """One signed slice of one parameter: row `u` of M is P.movedim(axis, 0)[index[u]] flattened."""
+    """One signed slice of one parameter: row `u` of M is P.movedim(axis, 0)[index[u]] flattened.
+
+    groups = G > 1 refines the axis for grouped convolutions: the other entries of each slice
+    along `axis` are split into G equal blocks (by the first remaining dim: a grouped conv's
+    output channels), and position j·G + g of the refined axis is slice j restricted to block g.
+    For W [O, c, k, k] of a conv with G groups of c input channels, Term(W, 1, [[j·G + g]], −1,
+    groups=G) is input channel g·c + j as its group's rows read it: W[g·O/G:(g+1)·O/G, j]."""
 
     param: str
     axis: int
     index: torch.Tensor  # int64 [units, S]
     sign: int
+    groups: int = 1
 
     @property
     def units(self) -> int:
         return int(self.index.shape[0])
 
+    def rows(self, p: torch.Tensor) -> torch.Tensor:
+        """P with the (refined) axis first, flattened to [size(P.shape), rest]."""
+        q = p.movedim(self.axis, 0)
+        n = q.shape[0] if q.dim() else 1
+        return q.reshape(n * self.groups, -1)
+
+    def size(self, shape) -> int:
+        """Length of the (refined) axis that `index` points into."""
+        return int(shape[self.axis]) * self.groups
+
     def slices(self, p: torch.Tensor) -> torch.Tensor:
         """M_t of this term from parameter tensor `p` (any dtype): shape [units, K]."""
         idx = self.index.to(p.device)
-        return p.movedim(self.axis, 0)[idx].reshape(self.units, -1)
+        if self.groups == 1:
+            return p.movedim(self.axis, 0)[idx].reshape(self.units, -1)
+        return self.rows(p)[idx].reshape(self.units, -1)
 
     def width(self, shape: torch.Size) -> int:
         """K_t, the number of entries in one unit's slice, for a parameter of `shape`."""
         rest = math.prod(shape) // shape[self.axis] if len(shape) else 1
-        return int(self.index.shape[1]) * rest
+        return int(self.index.shape[1]) * rest // self.groups
 
 
 @dataclasses.dataclass(eq=False)

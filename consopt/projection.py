@@ -64,6 +64,12 @@ def _write(term, p, m):
     """Write the [units, K] float64 slice `m` back into parameter `p` (in p's dtype)."""
     idx = term.index.to(p.device)
     view = p.movedim(term.axis, 0)
+    if term.groups > 1:  # refined axis (grouped conv): position j·G + g is block g of slice j
+        G = term.groups
+        view = view.view(view.shape[0], G, view.shape[1] // G, *view.shape[2:])
+        shape = (idx.shape[0], idx.shape[1]) + tuple(view.shape[2:])
+        view[idx // G, idx % G] = m.reshape(shape).to(p.dtype)
+        return
     shape = (idx.shape[0], idx.shape[1]) + tuple(view.shape[1:])
     view[idx] = m.reshape(shape).to(p.dtype)
 
@@ -364,7 +370,7 @@ def _split(families) -> list:
             out.append(f)
             continue
         for tag, sgn in (("|+", 1), ("|-", -1)):
-            terms = [Term(t.param, t.axis, t.index, +1) for t in f.terms if t.sign * sgn > 0]
+            terms = [Term(t.param, t.axis, t.index, +1, t.groups) for t in f.terms if t.sign * sgn > 0]
             if terms:
                 out.append(Family(f.name + tag, f.kind, f.form, f.order, terms, f.modules, f.approximate))
     return out
@@ -549,7 +555,7 @@ class FlatProjector:
         for f in fams:
             kind = _kind(f)
             fp = self._fps[f.name]
-            bad = (kind is None or self._self_overlap(fp, kind)
+            bad = (kind is None or any(t.groups != 1 for t in f.terms) or self._self_overlap(fp, kind)
                    or any(len(self._seg(key).shape) == 0 for key, *_ in fp)
                    or (kind == "shift" and any(axis != 0 for _, axis, _, _ in fp)))
             (self._fallback_fams if bad else flat).append(f)

@@ -220,6 +220,20 @@ def llama_laws(model: LlamaBlock) -> LawSet:
 
 
 # -- registry --------------------------------------------------------------------------------
+class GroupedConv(nn.Module):
+    """Conv(2→6) → ReLU → Conv(6→4, groups=2: 3 input channels per group) → ReLU → mean → Linear(4→3):
+    the units feeding the grouped conv have a law through a refined axis (`Term.groups`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 6, 3, padding=1)
+        self.c2 = nn.Conv2d(6, 4, 3, padding=1, groups=2)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.c2(torch.relu(self.c1(x)))).mean((2, 3)))
+
+
 MODELS = {
     "mlp": (MLP, mlp_laws),
     "cnn_bn": (ConvBN, convbn_laws),
@@ -250,6 +264,6 @@ def fill_grads(model: nn.Module, inputs, target, loss_fn=mse):
 
 
 
-__all__ = ["MLP", "ConvBN", "Attn", "LlamaBlock", "MODELS", "build", "rows", "blocks", "lawset",
+__all__ = ["MLP", "ConvBN", "GroupedConv", "Attn", "LlamaBlock", "MODELS", "build", "rows", "blocks", "lawset",
            "rescale_family", "mlp_laws", "convbn_laws", "attn_laws", "llama_laws", "attn_qk_terms",
            "fill_grads", "mse"]

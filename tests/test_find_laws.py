@@ -377,15 +377,29 @@ def test_depthwise_conv_rescale_laws(m, bn):
     torch.testing.assert_close(v[f_out.name], ref, rtol=1e-13, atol=1e-13)
 
 
-def test_grouped_conv_rescales_its_outputs_only():
-    # groups=2 with 3 input channels per group: an input channel is read by one column of half the
-    # rows (a 2-D slice), so units feeding it get no law; its own output units do.
-    m = nn.Sequential(nn.Conv2d(2, 6, 1), nn.ReLU(), nn.Conv2d(6, 4, 3, groups=2), nn.ReLU(), nn.Conv2d(4, 3, 1))
-    laws, _ = check(m, (torch.randn(3, 2, 6, 6),), torch.randn(3, 3, 4, 4))
-    (f,) = list(laws)
-    assert f.kind == "rescale" and f.modules == ("2", "4")
-    ref = (m[2].weight.double() ** 2).sum((1, 2, 3)) + m[2].bias.double() ** 2 - (m[4].weight.double() ** 2).sum((0, 2, 3))
-    torch.testing.assert_close(laws.evaluate(m)[f.name], ref, rtol=1e-13, atol=1e-13)
+@pytest.mark.parametrize("groups,c_mid", [(2, 6), (3, 9)])
+def test_grouped_conv_laws_on_both_sides(groups, c_mid):
+    # groups G with c = c_mid / G input channels per group: input channel g·c + j is read by column
+    # j of group g's rows only (a refined axis, Term.groups), so the units feeding the grouped conv
+    # get a law too; all laws together match count_laws.
+    m = nn.Sequential(nn.Conv2d(2, c_mid, 1), nn.ReLU(), nn.Conv2d(c_mid, 2 * groups, 3, groups=groups), nn.ReLU(),
+                      nn.Conv2d(2 * groups, 3, 1))
+    x = torch.randn(3, 2, 6, 6)
+    laws, _ = check(m, (x,), torch.randn(3, 3, 4, 4))
+    assert laws.num_functions == consopt.count_laws(m, (x,)).count == c_mid + 2 * groups
+    f_in = [f for f in laws if f.modules[0] == "0"][0]
+    f_out = [f for f in laws if f.modules[0] == "2"][0]
+    (cons,) = [t for t in f_in.terms if t.sign < 0]
+    assert cons.param == "2.weight" and cons.groups == groups
+    w0, b0, w2, b2, w4 = (m[0].weight.double(), m[0].bias.double(), m[2].weight.double(), m[2].bias.double(),
+                          m[4].weight.double())
+    c, og = c_mid // groups, 2
+    into = torch.stack([(w2[(i // c) * og:(i // c + 1) * og, i % c] ** 2).sum() for i in range(c_mid)])
+    ref_in = (w0 ** 2).sum((1, 2, 3)) + b0 ** 2 - into
+    v = laws.evaluate(m)
+    torch.testing.assert_close(v[f_in.name], ref_in, rtol=1e-13, atol=1e-13)
+    ref_out = (w2 ** 2).sum((1, 2, 3)) + b2 ** 2 - (w4 ** 2).sum((0, 2, 3))
+    torch.testing.assert_close(v[f_out.name], ref_out, rtol=1e-13, atol=1e-13)
 
 
 def test_batchnorm_bias_translation_and_affine_rescale():

@@ -12,6 +12,8 @@ import consopt
 from consopt import models as M
 from consopt.projection import project
 
+from _models import GroupedConv
+
 DEV_TOL = 1e-10
 
 
@@ -34,6 +36,8 @@ def cases():
            "cross_entropy", lambda o: o.softmax(-1))
     yield ("residual", lambda: M.ResidualMLP(4, 5, 7, 3), torch.randn(8, 4, generator=g),
            torch.randn(8, 3, generator=g), mse, None, lambda o: o)
+    yield ("grouped-conv", GroupedConv, torch.randn(6, 2, 5, 5, generator=g), torch.randn(6, 3, generator=g),
+           mse, None, lambda o: o)
 
 
 CASES = {c[0]: c for c in cases()}

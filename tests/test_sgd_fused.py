@@ -109,3 +109,34 @@ def test_first_fused_step_failure_restores_and_falls_back(monkeypatch):
     for p, q in zip(m.parameters(), ref.parameters()):
         assert torch.equal(p, q)
     assert opt.tracked_steps == 3
+
+
+def test_fused_path_with_a_grouped_conv_law():
+    """A family on a grouped conv's refined axis (Term.groups) is evaluated eagerly next to the
+    kernels' families: every deviation still matches a float64 re-evaluation."""
+    from _models import GroupedConv
+
+    torch.manual_seed(1)
+    ref = GroupedConv().to(DEVICE)
+    m = copy.deepcopy(ref)
+    x = torch.randn(4, 2, 5, 5, device=DEVICE)
+    y = torch.randn(4, 3, device=DEVICE)
+    laws = consopt.find_laws(m, (x,))
+    assert any(t.groups == 2 for f in laws for t in f.terms)
+    opt = consopt.SGD(m.parameters(), lr=0.05, momentum=0.9, laws=laws)
+    opt._force_triton = True
+    topt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9, foreach=False)
+    h0 = laws.evaluate(m)
+    for model, o in ((m, opt), (ref, topt)):
+        for _ in range(3):
+            o.zero_grad()
+            ((model(x) - y) ** 2).mean().backward()
+            o.step()
+    assert opt._step_impl() == "fused"
+    for p, q in zip(m.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    now, scale = laws.evaluate(m), laws.scale(m)
+    dev = opt.deviation()
+    assert max(float(d.abs().max()) for d in dev.values()) > 0
+    for k, d in dev.items():
+        assert float(((d - (now[k] - h0[k])).abs() / scale[k]).max()) <= 1e-12
