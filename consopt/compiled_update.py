@@ -17,8 +17,9 @@ every other operation (negation, ``buf * momentum``) rounds as torch's does:
     p ← fma(d, −lr, p)
 
 This is checked rather than assumed: the first call of every compiled graph also runs torch's
-update on copies and compares the bits; on a mismatch (another CPU or compiler) the step keeps
-torch's result and the optimizer uses torch's update from then on, with a warning. Afterwards the
+update on copies and compares the bits; on a mismatch (another CPU or compiler) the step is
+undone and torch's own update applied, and the optimizer uses torch's update from then on, with a
+warning. Afterwards the
 graph only runs under the "fail_on_recompile" stance: a guard failure (a tensor changed stride or
 dtype) builds and checks a new graph instead of silently re-running the Python function eagerly,
 where the ``fma`` prim would round twice.
@@ -112,6 +113,7 @@ def update_graph(flags: tuple):
 
 
 def _bits_equal(a: Tensor, b: Tensor) -> bool:
+    a, b = a.contiguous(), b.contiguous()
     if a.dtype == torch.float32:
         return torch.equal(a.view(torch.int32), b.view(torch.int32))
     return torch.equal(a.view(torch.int64), b.view(torch.int64))
@@ -145,6 +147,14 @@ class CompiledUpdate:
             return False  # first step: torch creates the buffers
         return True
 
+    @staticmethod
+    def distinct(segments: list) -> bool:
+        """No tensor object is passed twice (two parameters sharing one .grad, a gradient that is
+        a momentum buffer, …): the graph updates tensors one by one, torch list by list, so shared
+        tensors would not give torch's result. Views of one buffer are fine (disjoint memory)."""
+        ids = [id(t) for s in segments for lst in (s.params, s.grads, s.bufs) for t in lst if t is not None]
+        return len(ids) == len(set(ids))
+
     def _disable(self, why: str) -> None:
         self.disabled = why
         warnings.warn(f"consopt: the compiled CPU update is off ({why}); using torch's update", RuntimeWarning,
@@ -152,8 +162,8 @@ class CompiledUpdate:
 
     def __call__(self, segments: list) -> bool:
         """Apply the update of every segment (True), or change nothing (False: take torch's
-        path). On the first call of a graph whose bits differ from torch's, torch's result is
-        applied (True) and the compiled update is disabled."""
+        path). A graph whose first result differs from torch's is undone (and the compiled
+        update disabled) before returning False."""
         if self.disabled is not None:
             return False
         segments = [s for s in segments if s.params]
@@ -166,14 +176,17 @@ class CompiledUpdate:
         key = (flags, dtype)
         tensors = [(s.params, s.grads, s.bufs if s.momentum != 0 else []) for s in segments]
         hypers = [s.hyper_tensors(dtype) for s in segments]
-        fn = self._fns.get(key)
-        if fn is not None:
+        # every graph built for these flags (one per layout: e.g. two param groups stepped in
+        # turn), most recently used first; a graph whose guards fail raises before running
+        fns = self._fns.setdefault(key, [])
+        for i, fn in enumerate(fns):
             try:
                 with torch.compiler.set_stance("fail_on_recompile"):
                     fn(tensors, hypers)
-                return True
-            except Exception:  # noqa: BLE001 - a guard failed (layout changed): build a new graph
-                del self._fns[key]
+            except Exception:  # noqa: BLE001 - its guards failed (another layout): try the next
+                continue
+            fns.insert(0, fns.pop(i))
+            return True
         if self.builds >= _MAX_BUILDS:
             self._disable(f"{_MAX_BUILDS} graphs built: the parameters' layout keeps changing")
             return False
@@ -181,34 +194,38 @@ class CompiledUpdate:
         return self._first_call(key, flags, segments, tensors, hypers)
 
     def _first_call(self, key, flags, segments, tensors, hypers) -> bool:
-        ref = [([p.detach().clone() for p in s.params], [g.detach().clone() for g in s.grads],
-                [b.detach().clone() for b in s.bufs] if s.momentum != 0 else []) for s in segments]
+        copy = lambda: [([p.detach().clone() for p in s.params], [g.detach().clone() for g in s.grads],  # noqa: E731
+                         [b.detach().clone() for b in s.bufs] if s.momentum != 0 else []) for s in segments]
+        before = copy()
         try:
             fn = update_graph(flags)
             with torch.compiler.set_stance("default"):
                 fn(tensors, hypers)
         except Exception as e:  # noqa: BLE001 - no C++ compiler, unsupported op, …: restore, use torch
-            self._restore(tensors, ref)
+            self._restore(tensors, before)
             self._disable(f"torch.compile failed: {type(e).__name__}: {str(e)[:200]}")
             return False
-        # torch's update on the copies; the compiled result must match it bit for bit
+        # torch's update on copies of the state before the step; the compiled result must match it
+        ref = [tuple([t.clone() for t in lst] for lst in seg) for seg in before]
         for s, (pc, gc, bc) in zip(segments, ref):
             _torch_sgd(pc, gc, bc if s.momentum != 0 else [None] * len(pc), weight_decay=s.weight_decay,
                        momentum=s.momentum, lr=s.lr, dampening=s.dampening, nesterov=s.nesterov,
                        maximize=s.maximize, foreach=s.foreach, fused=False)
         same = all(_bits_equal(a, b) for (ps, gs, bs), (pc, gc, bc) in zip(tensors, ref)
                    for a, b in zip(ps + gs + bs, pc + gc + bc))
-        if not same:  # keep torch's result: the step is applied, as torch applies it
-            self._restore(tensors, ref)
+        if not same:  # back to the state before the step, and torch's own update on the live tensors
+            self._restore(tensors, before)
             self._disable("its result differs from torch's in the last bit on this machine")
-            return True
-        self._fns[key] = fn
+            return False
+        self._fns[key].insert(0, fn)
         return True
 
     @staticmethod
     def _restore(tensors, ref) -> None:
-        """Put torch's result (or the untouched copies) into the live tensors."""
+        """Put torch's result (or the untouched copies) into the live tensors; tensors already
+        equal are not written (an expanded gradient cannot be)."""
         for live, saved in zip(tensors, ref):
             for xs, ys in zip(live, saved):
                 for x, y in zip(xs, ys):
-                    x.copy_(y)
+                    if not _bits_equal(x, y):
+                        x.copy_(y)

@@ -564,6 +564,8 @@ class SGD(torch.optim.SGD):
             if not CompiledUpdate.applicable(seg):
                 return False
             segments.append(seg)
+        if not CompiledUpdate.distinct(segments):
+            return False
         return self._cpu_update(segments)
 
     def _check_law_grads(self) -> None:

@@ -176,7 +176,7 @@ def _eager_two_roundings(flags):
 
 
 def test_mismatch_keeps_torch_result(monkeypatch):
-    """A graph whose bits differ from torch's: that step keeps torch's result, a warning says
+    """A graph whose bits differ from torch's: that step is undone and torch's update applied, a warning says
     so, and torch's update runs from then on."""
     monkeypatch.setattr(CU, "update_graph", _eager_two_roundings)
     ref, mod, o_ref, o_mod = _pair(0.9, 0.0, False, 1e-2, False, "float", 1, False, torch.float32, 3)
@@ -209,3 +209,54 @@ def test_compile_failure_falls_back(monkeypatch):
             o_ref.step()
             o_mod.step()
     _assert_same(ref, mod, o_ref, o_mod)
+
+
+def test_alternating_layouts_keep_their_graphs():
+    """Two param groups stepped in turn (GAN-style): one graph per layout, kept and reused."""
+    torch.manual_seed(5)
+    ref = MLP(d_in=7, h1=13, h2=1, d_out=3)
+    mod = copy.deepcopy(ref)
+    grp = lambda m: [{"params": [m.fc1.weight, m.fc1.bias, m.fc2.weight]},  # noqa: E731
+                     {"params": [m.fc2.bias, m.fc3.weight, m.fc3.bias]}]
+    o_ref = torch.optim.SGD(grp(ref), lr=0.1, momentum=0.9)
+    o_mod = consopt.SGD(grp(mod), lr=0.1, momentum=0.9, laws=mlp_laws(mod))
+    o_mod.tracking_backend = "compile"
+    g = torch.Generator().manual_seed(_seed_of("alternate"))
+    for step in range(10):
+        for gi, (gr, gm) in enumerate(zip(o_ref.param_groups, o_mod.param_groups)):
+            for pr, pm in zip(gr["params"], gm["params"]):
+                if step < 2 or gi == step % 2:
+                    pr.grad = torch.randn(pr.shape, generator=g)
+                    pm.grad = pr.grad.clone()
+                else:
+                    pr.grad = pm.grad = None
+        o_ref.step()
+        o_mod.step()
+    _assert_same(ref, mod, o_ref, o_mod)
+    cu = o_mod._cpu_update
+    assert cu.disabled is None and cu.builds == 3  # both groups, then each group alone
+
+
+def test_shared_gradient_takes_torchs_path():
+    """Two parameters sharing one .grad tensor (nesterov + foreach adds into it in place):
+    torch's update runs, with torch's result."""
+    torch.manual_seed(6)
+    ref = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.ReLU(), torch.nn.Linear(3, 3))
+    mod = copy.deepcopy(ref)
+    kw = dict(lr=0.1, momentum=0.9, nesterov=True, foreach=True)
+    o_ref = torch.optim.SGD(ref.parameters(), **kw)
+    o_mod = consopt.SGD(mod.parameters(), laws=consopt.find_laws(mod, (torch.randn(2, 3),)), **kw)
+    o_mod.tracking_backend = "compile"
+    g = torch.Generator().manual_seed(_seed_of("shared"))
+    for step in range(4):
+        for pr, pm in zip(ref.parameters(), mod.parameters()):
+            pr.grad = torch.randn(pr.shape, generator=g)
+            pm.grad = pr.grad.clone()
+        if step >= 2:  # the two biases share one gradient object
+            ref[2].bias.grad = ref[0].bias.grad
+            mod[2].bias.grad = mod[0].bias.grad
+        o_ref.step()
+        o_mod.step()
+    for p, q in zip(ref.parameters(), mod.parameters()):
+        assert torch.equal(_bits(p), _bits(q)) and torch.equal(_bits(p.grad), _bits(q.grad))
+    assert o_mod._cpu_update.builds == 1 and o_mod._cpu_update.disabled is None
