@@ -64,6 +64,15 @@ def _grads(ref, mod, g, dtype, drop_bias=False):
         ref.fc3.bias.grad = mod.fc3.bias.grad = None
 
 
+def _steps(ref, mod, o_ref, o_mod, tag, n):
+    """`n` steps of both optimizers on the same fresh random gradients."""
+    g = torch.Generator().manual_seed(_seed_of(tag))
+    for _ in range(n):
+        _grads(ref, mod, g, ref.fc1.weight.dtype)
+        o_ref.step()
+        o_mod.step()
+
+
 def _assert_same(ref, mod, o_ref, o_mod):
     for (n, p_ref), p_mod in zip(ref.named_parameters(), mod.parameters()):
         assert torch.equal(_bits(p_ref), _bits(p_mod)), n
@@ -180,12 +189,8 @@ def test_mismatch_keeps_torch_result(monkeypatch):
     so, and torch's update runs from then on."""
     monkeypatch.setattr(CU, "update_graph", _eager_two_roundings)
     ref, mod, o_ref, o_mod = _pair(0.9, 0.0, False, 1e-2, False, "float", 1, False, torch.float32, 3)
-    g = torch.Generator().manual_seed(_seed_of("mismatch"))
     with pytest.warns(RuntimeWarning, match="differs from torch's"):
-        for _ in range(4):
-            _grads(ref, mod, g, torch.float32)
-            o_ref.step()
-            o_mod.step()
+        _steps(ref, mod, o_ref, o_mod, "mismatch", 4)
     _assert_same(ref, mod, o_ref, o_mod)
     assert "differs" in o_mod._cpu_update.disabled
 
@@ -202,12 +207,8 @@ def test_compile_failure_falls_back(monkeypatch):
 
     monkeypatch.setattr(CU, "update_graph", broken)
     ref, mod, o_ref, o_mod = _pair(0.9, 0.0, True, 0.0, True, "float", 1, True, torch.float32, 4)
-    g = torch.Generator().manual_seed(_seed_of("broken"))
     with pytest.warns(RuntimeWarning, match="torch.compile failed"):
-        for _ in range(3):
-            _grads(ref, mod, g, torch.float32)
-            o_ref.step()
-            o_mod.step()
+        _steps(ref, mod, o_ref, o_mod, "broken", 3)
     _assert_same(ref, mod, o_ref, o_mod)
 
 
