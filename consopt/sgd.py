@@ -535,6 +535,8 @@ class SGD(torch.optim.SGD):
 
         if self._tracker is None or self._tracker.evaluator.backend != "compile":
             return False
+        if torch.compiler.is_compiling():  # the step itself is being traced: torch's update
+            return False
         if getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None:
             return False
         if self._cpu_update is None:
