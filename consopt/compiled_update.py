@@ -51,7 +51,7 @@ class Segment:
 
     params: list
     grads: list
-    bufs: list
+    bufs: list  # momentum buffers (None before the first step); [] without momentum
     lr: float
     momentum: float
     dampening: float
@@ -152,7 +152,7 @@ class CompiledUpdate:
         """No tensor object is passed twice (two parameters sharing one .grad, a gradient that is
         a momentum buffer, …): the graph updates tensors one by one, torch list by list, so shared
         tensors would not give torch's result. Views of one buffer are fine (disjoint memory)."""
-        ids = [id(t) for s in segments for lst in (s.params, s.grads, s.bufs) for t in lst if t is not None]
+        ids = [id(t) for s in segments for lst in (s.params, s.grads, s.bufs) for t in lst]
         return len(ids) == len(set(ids))
 
     def _disable(self, why: str) -> None:
@@ -174,7 +174,7 @@ class CompiledUpdate:
             return False  # one dtype per graph: the hyperparameters are rounded to it
         flags = tuple(s.flags for s in segments)
         key = (flags, dtype)
-        tensors = [(s.params, s.grads, s.bufs if s.momentum != 0 else []) for s in segments]
+        tensors = [(s.params, s.grads, s.bufs) for s in segments]
         hypers = [s.hyper_tensors(dtype) for s in segments]
         # every graph built for these flags (one per layout: e.g. two param groups stepped in
         # turn), most recently used first; a graph whose guards fail raises before running
@@ -194,9 +194,7 @@ class CompiledUpdate:
         return self._first_call(key, flags, segments, tensors, hypers)
 
     def _first_call(self, key, flags, segments, tensors, hypers) -> bool:
-        copy = lambda: [([p.detach().clone() for p in s.params], [g.detach().clone() for g in s.grads],  # noqa: E731
-                         [b.detach().clone() for b in s.bufs] if s.momentum != 0 else []) for s in segments]
-        before = copy()
+        before = [tuple([t.detach().clone() for t in lst] for lst in (s.params, s.grads, s.bufs)) for s in segments]
         try:
             fn = update_graph(flags)
             with torch.compiler.set_stance("default"):
@@ -208,7 +206,7 @@ class CompiledUpdate:
         # torch's update on copies of the state before the step; the compiled result must match it
         ref = [tuple([t.clone() for t in lst] for lst in seg) for seg in before]
         for s, (pc, gc, bc) in zip(segments, ref):
-            _torch_sgd(pc, gc, bc if s.momentum != 0 else [None] * len(pc), weight_decay=s.weight_decay,
+            _torch_sgd(pc, gc, bc, weight_decay=s.weight_decay,
                        momentum=s.momentum, lr=s.lr, dampening=s.dampening, nesterov=s.nesterov,
                        maximize=s.maximize, foreach=s.foreach, fused=False)
         same = all(_bits_equal(a, b) for (ps, gs, bs), (pc, gc, bc) in zip(tensors, ref)

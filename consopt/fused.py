@@ -633,6 +633,18 @@ class _TermPlan:
     ranges: list = field(default_factory=list)  # vector1: [(a, b)] per s
 
 
+def locate_param(groups, params_by_name: Mapping[str, torch.Tensor], name: str) -> tuple:
+    """(group index, buffer index, segment index) of law parameter `name` in the FlatGroups."""
+    if name not in params_by_name:
+        raise KeyError(f"law parameter {name!r} is not among the optimizer's named parameters")
+    p = params_by_name[name]
+    for gi, g in enumerate(groups):
+        loc = g.locate(p)
+        if loc is not None:
+            return (gi,) + tuple(loc)
+    raise KeyError(f"law parameter {name!r} is not held by the optimizer (no param group contains it)")
+
+
 class CompiledLaws:
     """A LawSet bound to FlatGroups: integer tables for the fused kernels plus a CSR finishing step.
 
@@ -651,14 +663,7 @@ class CompiledLaws:
 
     # -- compilation ---------------------------------------------------------------------
     def _resolve(self, name):
-        if name not in self.params_by_name:
-            raise KeyError(f"law parameter {name!r} is not among the optimizer's named parameters")
-        p = self.params_by_name[name]
-        for gi, g in enumerate(self.groups):
-            loc = g.locate(p)
-            if loc is not None:
-                return (gi,) + loc
-        raise KeyError(f"law parameter {name!r} is not held by the optimizer (no param group contains it)")
+        return locate_param(self.groups, self.params_by_name, name)
 
     def _classify(self, f: Family, geoms):
         """Per-term plans for family f, or None if it must be evaluated eagerly."""

@@ -49,22 +49,13 @@ class Term:
     def units(self) -> int:
         return int(self.index.shape[0])
 
-    def rows(self, p: torch.Tensor) -> torch.Tensor:
-        """P with the (refined) axis first, flattened to [size(P.shape), rest]."""
-        q = p.movedim(self.axis, 0)
-        n = q.shape[0] if q.dim() else 1
-        return q.reshape(n * self.groups, -1)
-
-    def size(self, shape) -> int:
-        """Length of the (refined) axis that `index` points into."""
-        return int(shape[self.axis]) * self.groups
-
     def slices(self, p: torch.Tensor) -> torch.Tensor:
         """M_t of this term from parameter tensor `p` (any dtype): shape [units, K]."""
         idx = self.index.to(p.device)
-        if self.groups == 1:
-            return p.movedim(self.axis, 0)[idx].reshape(self.units, -1)
-        return self.rows(p)[idx].reshape(self.units, -1)
+        q = p.movedim(self.axis, 0)
+        if self.groups > 1:  # the refined axis: [n·G, rest / G], row j·G + g = block g of slice j
+            q = q.reshape(q.shape[0] * self.groups, -1)
+        return q[idx].reshape(self.units, -1)
 
     def width(self, shape: torch.Size) -> int:
         """K_t, the number of entries in one unit's slice, for a parameter of `shape`."""

@@ -512,12 +512,9 @@ class FlatProjector:
 
     # -- construction ----------------------------------------------------------------------
     def _loc(self, name):
-        p = self.params_by_name[name]
-        for gi, g in enumerate(self.groups):
-            loc = g.locate(p)
-            if loc is not None:
-                return (gi,) + tuple(loc)
-        raise KeyError(f"law parameter {name!r} is not held by the optimizer (no param group contains it)")
+        from .fused import locate_param
+
+        return locate_param(self.groups, self.params_by_name, name)
 
     def _seg(self, key):
         gi, bi, k = key

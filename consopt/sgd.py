@@ -556,11 +556,8 @@ class SGD(torch.optim.SGD):
             if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in [lr] + hyper):
                 return False
             params, grads, bufs = [], [], []
-            for p in group["params"]:
-                if p.grad is not None:
-                    params.append(p)
-                    grads.append(p.grad)
-                    bufs.append(self.state[p].get("momentum_buffer") if group["momentum"] != 0 else None)
+            if self._init_group(group, params, grads, bufs):  # torch's selection, as _torch_step's
+                return False  # a sparse gradient
             seg = Segment(params, grads, bufs, float(lr), *map(float, hyper), nesterov=bool(group["nesterov"]),
                           maximize=bool(group["maximize"]), foreach=bool(group["foreach"]))
             if not CompiledUpdate.applicable(seg):
