@@ -7,6 +7,9 @@ backward pass. Three variants are timed side by side, in interleaved repetitions
   torch      torch.optim.SGD(foreach=True, momentum=0.9).step()
   consopt    consopt.SGD(foreach=True, momentum=0.9, laws=laws).step(); opt.deviation()
              (every family tracked and read after every step)
+  consopt[native]  the same with opt.tracking_backend = "native": torch's update and the law
+             statistics (sums, Gram matrices) in one C++ pass (consopt.native; bitwise torch's
+             update, checked here on a separate pair of models)
   consopt[compile]  the same with opt.tracking_backend = "compile": torch's update as one compiled
              graph (consopt.compiled_update, bitwise torch's) and the statistics as another
              (compiled before timing, compile time reported)
@@ -170,6 +173,25 @@ def fill_random_grads(model, gen):
         p.grad = torch.randn(p.shape, generator=gen).mul_(1e-3)
 
 
+def native_matches_torch(base, laws, steps=3) -> bool | None:
+    """consopt.SGD(tracking_backend="native") and torch.optim.SGD from the same point with the
+    same gradients: bitwise equal parameters after `steps` steps (None: native unavailable)."""
+    m_t, m_n = copy.deepcopy(base), copy.deepcopy(base)
+    o_t = torch.optim.SGD(m_t.parameters(), lr=1e-3, momentum=0.9, foreach=True)
+    o_n = consopt.SGD(m_n.parameters(), lr=1e-3, momentum=0.9, foreach=True, laws=copy.deepcopy(laws).bind(m_n))
+    o_n.tracking_backend = "native"
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(steps):
+        for a, b in zip(m_t.parameters(), m_n.parameters()):
+            a.grad = torch.randn(a.shape, generator=gen).mul_(1e-3)
+            b.grad = a.grad.clone()
+        o_t.step()
+        o_n.step()
+    if o_n._native is None or o_n._native.disabled is not None:
+        return None
+    return all(torch.equal(a, b) for a, b in zip(m_t.parameters(), m_n.parameters()))
+
+
 def bench_model(name, reps, warmup):
     torch.manual_seed(0)
     base, inputs = make(name)
@@ -198,6 +220,18 @@ def bench_model(name, reps, warmup):
     t_compile = time.perf_counter() - t0
     if o_k.tracking_backend == "compile":
         variants["consopt[compile]"] = (m_k, lambda: (o_k.step(), o_k.deviation()))
+    # tracking_backend="native": update and statistics in one C++ pass (consopt.native)
+    m_n = copy.deepcopy(base)
+    o_n = consopt.SGD(m_n.parameters(), lr=1e-3, momentum=0.9, foreach=True, laws=copy.deepcopy(laws).bind(m_n))
+    o_n.tracking_backend = "native"
+    t0 = time.perf_counter()
+    fill_random_grads(m_n, torch.Generator().manual_seed(1))
+    o_n.step()  # builds (or loads) the library; the first momentum step is torch's
+    o_n.step()  # the native step's first call, checked against torch's update
+    o_n.deviation()
+    t_native = time.perf_counter() - t0
+    if o_n.tracking_backend == "native" and o_n._native is not None and o_n._native.disabled is None:
+        variants["consopt[native]"] = (m_n, lambda: (o_n.step(), o_n.deviation()))
     m_r = copy.deepcopy(base)
     o_r = consopt.SGD(m_r.parameters(), lr=1e-3, momentum=0.9, foreach=True, laws=copy.deepcopy(laws).bind(m_r))
 
@@ -266,6 +300,9 @@ def bench_model(name, reps, warmup):
         "iqr_ms": {k: [round(a, 3), round(b, 3)] for k, (a, b) in q.items()},
         "min_ms": {k: round(min(v) * 1e3, 3) for k, v in times.items()},
         "compile_s": round(t_compile, 2),
+        "native_first_steps_s": round(t_native, 2),
+        "ratio_consopt_native_vs_torch": (round(med["consopt[native]"] / med["torch"], 3)
+                                          if "consopt[native]" in med else None),
         "ratio_consopt_vs_torch": round(med["consopt"] / med["torch"], 3),
         "ratio_consopt_compile_vs_torch": (round(med["consopt[compile]"] / med["torch"], 3)
                                            if "consopt[compile]" in med else None),
@@ -275,7 +312,9 @@ def bench_model(name, reps, warmup):
         "speedup_consopt_vs_torch_eval": round(med["torch+eval"] / med["consopt"], 3),
         "tracked_steps": o_c.tracked_steps,
         "max_err_over_scale": {"consopt": max_err(m_c, o_c),
-                               **({"consopt[compile]": max_err(m_k, o_k)} if "consopt[compile]" in med else {})},
+                               **({"consopt[compile]": max_err(m_k, o_k)} if "consopt[compile]" in med else {}),
+                               **({"consopt[native]": max_err(m_n, o_n)} if "consopt[native]" in med else {})},
+        "native_bitwise_torch": native_matches_torch(base, laws),
     }
 
 
@@ -293,14 +332,17 @@ def main(argv=None):
     for name in args.models.split(","):
         print(f"[{name}] building, finding laws, timing {args.reps} interleaved reps ...", file=sys.stderr)
         results.append(bench_model(name.strip(), args.reps, args.warmup))
-    hdr = ("model", "params", "families", "functions", "torch ms", "consopt ms", "ratio", "consopt[compile] ms",
-           "ratio", "torch x10 ms", "read/10 ms", "ratio", "torch+eval ms", "ratio", "evaluator ms")
+    hdr = ("model", "params", "families", "functions", "torch ms", "consopt ms", "ratio", "consopt[native] ms",
+           "ratio", "consopt[compile] ms", "ratio", "torch x10 ms", "read/10 ms", "ratio", "torch+eval ms", "ratio",
+           "evaluator ms")
     rows = [hdr]
     for r in results:
         m = r["median_ms"]
-        mk = m.get("consopt[compile]")
+        mk, mn = m.get("consopt[compile]"), m.get("consopt[native]")
         rows.append((r["model"], f"{r['params'] / 1e6:.2f}M", str(r["families"]), str(r["functions"]),
                      f"{m['torch']:.2f}", f"{m['consopt']:.2f}", f"{r['ratio_consopt_vs_torch']:.2f}x",
+                     "n/a" if mn is None else f"{mn:.2f}",
+                     "n/a" if mn is None else f"{r['ratio_consopt_native_vs_torch']:.2f}x",
                      "n/a" if mk is None else f"{mk:.2f}",
                      "n/a" if mk is None else f"{r['ratio_consopt_compile_vs_torch']:.2f}x",
                      f"{m['torch[x10]']:.2f}", f"{m['consopt[read/10]']:.2f}", f"{r['ratio_consopt_read10_vs_torch']:.2f}x",
@@ -314,6 +356,8 @@ def main(argv=None):
     for r in results:
         errs = ", ".join(f"{k} {v:.1e}" for k, v in r["max_err_over_scale"].items())
         print(f"{r['model']}: laws from {r['laws_source']}; compile {r['compile_s']} s; "
+              f"native first two steps {r['native_first_steps_s']} s "
+              f"(params bitwise torch's: {r['native_bitwise_torch']}); "
               f"min-time ratio consopt/torch {r['ratio_min_consopt_vs_torch']:.2f}x; "
               f"max |deviation - reevaluation| / scale: {errs}")
     if args.json:

@@ -17,10 +17,13 @@ How the plan evaluates each kind of family (M_t = P.movedim(axis, 0)[index].resh
 - order-1 "diag" (per-channel translation): the same with plain sums.
 - order-1 "vector" (per-token translation): colsum(M_t) of a term that takes a whole parameter
   along axis 0 (or axis 1 of a matrix) comes from the same pass; other terms are sliced.
-- order-2 "matrix" (GL laws, attention QK/VO): terms that slice the same parameter along the same
-  axis with the same shape are gathered into one batch [T, units, K] (a view when they cover
-  the axis in order, e.g. all heads of a packed in_proj) and their Gram matrices M_t M_tᵀ formed
-  by one float64 `bmm`; a family is a signed sum of its terms' Grams.
+- order-2 "matrix" (GL laws, attention QK/VO): families with the same units and the same term
+  widths and signs form a batch X [F, units, Σ_t K_t] (float64, each family's producer slices
+  side by side, then its consumer slices; filled by one copy per run of families that slice the
+  same parameter), and h = X₊X₊ᵀ − X₋X₋ᵀ by two `bmm`: every product exact, one float64 sum.
+  With the native step (backend "native", `consopt.native`) the kernel forms the Gram matrix of
+  every aligned group of units (a head's rows of a packed in_proj, an out_proj's columns) while
+  it updates the parameter, into an arena laid out per family, and h is a signed sum of views.
 - anything else uses `Family.value` directly.
 
 All reductions are dense torch reductions (no atomics), so the same inputs on the same device
@@ -225,7 +228,7 @@ def _check_index(f: Family, t: Term, idx: Tensor, n: int) -> None:
                          f"range for size {n}")
 
 
-BACKENDS = ("eager", "compile")
+BACKENDS = ("eager", "compile", "native")
 
 
 class LawEvaluator:
@@ -238,8 +241,11 @@ class LawEvaluator:
     backend: "eager" (default) runs the plan with torch ops (the statistics in cache-sized
     chunks); "compile" runs the same plan as one `torch.compile`d graph (inductor fuses the
     conversion, squares and reductions into one pass per parameter; the first call compiles,
-    which takes seconds). If compilation fails the evaluator warns once and falls back to
-    "eager". Both agree to float64 rounding; bitwise reproducibility holds within one backend.
+    which takes seconds); "native" takes the statistics and Gram matrices from the C++ kernel of
+    `consopt.native` (statistics only here; `consopt.SGD` runs it fused with the update, and
+    passes them to `values_from_stats`). If compiling or building fails the evaluator warns once
+    and falls back to "eager". All agree to float64 rounding; bitwise reproducibility holds
+    within one backend.
     """
 
     def __init__(self, laws: LawSet, tensors: Mapping[str, Tensor], *, chunk: int = _CHUNK_ELEMS,
@@ -250,13 +256,16 @@ class LawEvaluator:
         self.chunk = int(chunk)
         self._scratch: dict = {}
         self._compiled = None
+        self._native = None
         self.backend = backend
         self._build()
 
     def __getstate__(self):  # copies / pickles recompile lazily and get their own scratch
         state = self.__dict__.copy()
         state["_compiled"] = None
+        state["_native"] = None
         state["_scratch"] = {}
+        state["_mat_scratch"] = {}
         return state
 
     @property
@@ -269,6 +278,7 @@ class LawEvaluator:
             raise ValueError(f"backend must be one of {BACKENDS}, got {value!r}")
         self._backend = value
         self._compiled = None
+        self._native = None
 
     # -- plan ----------------------------------------------------------------------------
     def _build(self):
@@ -287,8 +297,11 @@ class LawEvaluator:
                 generic.append(f)
         self._generic = generic
         self._diag_plans = self._build_diag(diag)
-        self._mat_groups, self._mat_plans = self._build_matrix(matrix)
+        self._mat_plans = self._build_matrix(matrix)
+        self._mat_scratch: dict = {}
         self._vec_plans = self._build_vector(vector)
+        self._gram_specs, self._gram_plans, rest = self._build_grams(matrix)
+        self._mat_rest_plans = self._build_matrix(rest)  # with the native Grams: the others
 
     @staticmethod
     def _family_device(f: Family, tensors) -> torch.device:
@@ -306,8 +319,8 @@ class LawEvaluator:
         self._stats.setdefault(name, _StatsSpec(name)).add(op, axis)
 
     def _build_diag(self, families):
-        """Per device: the statistics to concatenate, and per contribution width W an index
-        table [units, W] into that concatenation (padding-free: W is per bucket)."""
+        """Per device: the statistics to concatenate, and per sign pattern of a unit's W
+        contributions (producers first) an index table [W, units] into that concatenation."""
         tensors = self.tensors
         per_dev: "OrderedDict[torch.device, list]" = OrderedDict()
         for f in families:
@@ -316,11 +329,11 @@ class LawEvaluator:
         for dev, fams in per_dev.items():
             keys: "OrderedDict[tuple, int]" = OrderedDict()  # (param, op, axis) -> offset
             offset = 0
-            buckets: "OrderedDict[int, dict]" = OrderedDict()
+            buckets: "OrderedDict[tuple, dict]" = OrderedDict()
             for f in fams:
                 op = "sq" if f.order == 2 else "sum"
-                src_cols, sign_cols = [], []
-                for t, p, idx in self._terms(f):
+                src_cols, signs = [], []
+                for t, p, idx in sorted(self._terms(f), key=lambda tpi: -tpi[0].sign):  # producers first
                     n = p.shape[t.axis]
                     key = (t.param, op, t.axis)
                     if key not in keys:
@@ -328,14 +341,13 @@ class LawEvaluator:
                         offset += n
                         self._need(t.param, op, t.axis)
                     src_cols.append(idx + keys[key])
-                    sign_cols.append(torch.full(idx.shape, float(t.sign), dtype=_F64))
-                src = torch.cat(src_cols, 1)
-                b = buckets.setdefault(src.shape[1], {"src": [], "sign": [], "fams": []})
-                b["src"].append(src)
-                b["sign"].append(torch.cat(sign_cols, 1))
+                    signs += [int(t.sign)] * idx.shape[1]
+                b = buckets.setdefault(tuple(signs), {"src": [], "fams": []})
+                b["src"].append(torch.cat(src_cols, 1))
                 b["fams"].append((f.name, f.units))
-            bplans = [{"src": torch.cat(b["src"], 0).to(dev), "sign": torch.cat(b["sign"], 0).to(dev),
-                       "fams": b["fams"]} for b in buckets.values()]
+            bplans = [{"src": torch.cat(b["src"], 0).t().contiguous().to(dev), "signs": signs,
+                       "names": [n for n, _ in b["fams"]], "sizes": [u for _, u in b["fams"]]}
+                      for signs, b in buckets.items()]
             plans.append({"device": dev, "keys": list(keys), "buckets": bplans})
         return plans
 
@@ -359,60 +371,152 @@ class LawEvaluator:
         return plans
 
     def _build_matrix(self, families):
-        """Batches of same-shaped Gram terms, and per (units, #terms) a term-index table."""
+        """Families batched by (device, units, column recipe): a batch of F families is one
+        float64 X [F, units, Σ_t K_t] holding every family's term slices side by side (producer
+        terms first), and the fills that write X (one per run of consecutive families whose
+        term j slices the same parameter: a view of it when their rows are consecutive)."""
         tensors = self.tensors
-        groups: "OrderedDict[tuple, dict]" = OrderedDict()
-        term_slots = []  # per family: list of (group key, slot, sign)
+        batches: "OrderedDict[tuple, dict]" = OrderedDict()
         for f in families:
-            slots = []
-            for t, p, idx in self._terms(f):
-                key = (t.param, t.axis, tuple(idx.shape))
-                g = groups.setdefault(key, {"param": t.param, "axis": t.axis, "shape": tuple(idx.shape),
-                                            "index": [], "device": p.device})
-                slots.append([key, len(g["index"]), float(t.sign)])
-                g["index"].append(idx)
-            term_slots.append((f, slots))
-        # Sort each group's terms by position along the axis: a group that covers the whole
-        # axis in order (e.g. every head's q, k and v rows of a packed in_proj) is then a view.
-        for key, g in groups.items():
-            order = sorted(range(len(g["index"])), key=lambda i: tuple(g["index"][i].reshape(-1)[:1].tolist()))
-            new_pos = {old: new for new, old in enumerate(order)}
-            idx = torch.stack([g["index"][i] for i in order], 0)
-            g["new_pos"] = new_pos
-            g["view"] = _is_trivial_index(idx, tensors[g["param"]].shape[g["axis"]])
-            g["index"] = idx.to(g["device"])
-            g["T"] = idx.shape[0]
-        for _, slots in term_slots:
-            for s in slots:
-                s[1] = groups[s[0]]["new_pos"][s[1]]
-        per_dev: "OrderedDict[torch.device, dict]" = OrderedDict()
-        for f, slots in term_slots:
-            dev = self._family_device(f, tensors)
-            d = per_dev.setdefault(dev, {"gkeys": OrderedDict(), "buckets": OrderedDict()})
-            for key, _, _ in slots:
-                d["gkeys"][key] = None
-            b = d["buckets"].setdefault((f.units, len(slots)), {"fams": [], "slots": []})
+            terms = sorted(self._terms(f), key=lambda tpi: -tpi[0].sign)  # producers (+1) first
+            recipe = tuple((t.width(p.shape), int(t.sign)) for t, p, _ in terms)
+            b = batches.setdefault((self._family_device(f, tensors), f.units, recipe), {"fams": [], "terms": []})
             b["fams"].append(f.name)
-            b["slots"].append(slots)
+            b["terms"].append(terms)
         plans = []
-        for dev, d in per_dev.items():
-            by_units: "OrderedDict[int, list]" = OrderedDict()
-            for key in d["gkeys"]:
-                by_units.setdefault(groups[key]["shape"][0], []).append(key)
-            offs = {}
-            for u, keys in by_units.items():
-                off = 0
-                for key in keys:
-                    offs[key] = off
-                    off += groups[key]["T"]
-            bplans = []
-            for (u, w), b in d["buckets"].items():
-                idx = torch.tensor([[offs[k] + s for k, s, _ in sl] for sl in b["slots"]], dtype=torch.int64)
-                sign = torch.tensor([[sg for _, _, sg in sl] for sl in b["slots"]], dtype=_F64)
-                bplans.append({"units": u, "idx": idx.to(dev), "sign": sign.view(*sign.shape, 1, 1).to(dev),
-                               "fams": b["fams"]})
-            plans.append({"device": dev, "by_units": by_units, "buckets": bplans})
-        return groups, plans
+        for (dev, units, recipe), b in batches.items():
+            # families whose terms slice the same parameters in increasing rows become neighbours
+            order = sorted(range(len(b["fams"])), key=lambda i: tuple(
+                (t.param, t.axis, int(idx.reshape(-1)[0]) if idx.numel() else 0) for t, _, idx in b["terms"][i]))
+            fams = [b["fams"][i] for i in order]
+            terms = [b["terms"][i] for i in order]
+            n_f = len(fams)
+            segments, k0 = [], 0
+            for j, (w, _) in enumerate(recipe):
+                fills = []
+                a = 0
+                while a < n_f:
+                    t0 = terms[a][j][0]
+                    e = a + 1
+                    while e < n_f and terms[e][j][0].param == t0.param and terms[e][j][0].axis == t0.axis:
+                        e += 1
+                    idx = torch.stack([terms[i][j][2] for i in range(a, e)])  # [n, units, S]
+                    flat = idx.reshape(-1)
+                    run = flat.numel() > 0 and bool(torch.equal(flat, torch.arange(int(flat[0]), int(flat[0]) + flat.numel())))
+                    fills.append({"cols": (k0, k0 + w), "fams": (a, e), "param": t0.param, "axis": t0.axis,
+                                  "start": int(flat[0]) if run else None, "shape": tuple(idx.shape),
+                                  "index": None if run else idx.to(dev)})
+                    a = e
+                segments.append(fills)
+                k0 += w
+            plans.append({"device": dev, "units": units, "fams": fams, "width": k0,
+                          "split": sum(w for w, sg in recipe if sg > 0), "segments": segments})
+        return plans
+
+    def _build_grams(self, families):
+        """For the native step: the matrix families (on the CPU) whose every term is an aligned
+        group of U consecutive rows (or columns) of a vector or matrix, so that the kernel forms
+        its Gram matrix while updating the parameter, straight into a float64 arena laid out as
+        [terms, families, U, U] per (units, signs) bucket. Returns ({param: [row request,
+        column request]}, the buckets, the other families); a request is (U, arena, per-group
+        element offsets, −1 where no family reads the group)."""
+        tensors = self.tensors
+        sizes: dict = {}  # (param, axis) -> U
+        used: set = set()  # (param, axis, group) read by a chosen family
+        chosen, rest = [], []
+        for f in families:
+            terms = sorted(self._terms(f), key=lambda tpi: -tpi[0].sign)  # producers first
+            groups, ok = [], self._family_device(f, tensors).type == "cpu"
+            for t, p, idx in terms:
+                units = idx.shape[0]
+                if not (ok and p.ndim in (1, 2) and t.axis < p.ndim and idx.shape[1] == 1 and units > 0
+                        and p.shape[t.axis] % units == 0 and int(idx[0, 0]) % units == 0
+                        and sizes.get((t.param, t.axis), units) == units
+                        and torch.equal(idx.reshape(-1), torch.arange(int(idx[0, 0]), int(idx[0, 0]) + units))):
+                    ok = False
+                    break
+                groups.append((t.param, t.axis, int(idx[0, 0]) // units))
+            if not ok or len(set(groups)) < len(groups) or any(g in used for g in groups):
+                rest.append(f)  # (a group read by two families keeps its family on the X path)
+                continue
+            used.update(groups)
+            for (param, axis, _), (t, p, idx) in zip(groups, terms):
+                sizes[(param, axis)] = idx.shape[0]
+            chosen.append((f, groups, tuple(int(t.sign) for t, _, _ in terms)))
+        buckets: "OrderedDict[tuple, list]" = OrderedDict()
+        for f, groups, signs in chosen:
+            buckets.setdefault((f.units, signs), []).append((f.name, groups))
+        total = sum(len(signs) * len(members) * units * units for (units, signs), members in buckets.items())
+        arena = torch.zeros(total, dtype=_F64)
+        dest = {key: torch.full((tensors[key[0]].shape[key[1]] // u,), -1, dtype=torch.int64)
+                for key, u in sizes.items()}
+        plans, base = [], 0
+        for (units, signs), members in buckets.items():
+            n_t, n_f = len(signs), len(members)
+            for i, (_, groups) in enumerate(members):
+                for t, (param, axis, g) in enumerate(groups):
+                    dest[(param, axis)][g] = base + (t * n_f + i) * units * units
+            plans.append({"view": arena[base:base + n_t * n_f * units * units].view(n_t, n_f, units, units),
+                          "signs": signs, "fams": [name for name, _ in members]})
+            base += n_t * n_f * units * units
+        specs: "OrderedDict[str, list]" = OrderedDict()
+        for (param, axis), u in sizes.items():
+            specs.setdefault(param, [0, 0])[axis] = (u, arena, dest[(param, axis)])
+        return specs, plans, rest
+
+    def _gram_values(self) -> dict:
+        """The families the native step formed Grams for: h = Σ_t s_t G_t from the arena."""
+        vals = {}
+        for plan in self._gram_plans:
+            a, signs = plan["view"], plan["signs"]
+            if len(signs) == 1:
+                h = a[0].clone() if signs[0] > 0 else -a[0]
+            else:
+                h = a[0] + a[1] if signs[1] > 0 else a[0] - a[1]
+                if signs[0] < 0:
+                    h = h - 2 * a[0]
+                for t in range(2, len(signs)):
+                    h.add_(a[t], alpha=signs[t])
+            vals.update(zip(plan["fams"], h.unbind(0)))
+        return vals
+
+    @staticmethod
+    def _fill_source(tensors, fill) -> Tensor:
+        """The [n, units, K] slices of one fill (a view where the rows are consecutive)."""
+        pm = tensors[fill["param"]].movedim(fill["axis"], 0)
+        n, units, s = fill["shape"]
+        if fill["start"] is not None:
+            src = pm.narrow(0, fill["start"], n * units * s).unflatten(0, (n, units, s))
+        else:
+            src = pm[fill["index"]]
+        return src.flatten(2)
+
+    def _matrix_values(self, tensors, graph: bool, plans=None) -> dict:
+        """Per batch h = X₊X₊ᵀ − X₋X₋ᵀ (X₊: the producer terms side by side, X₋: the
+        consumers): each family's Σ_t s_t M_t M_tᵀ in two float64 bmm, every product formed
+        exactly from the stored values."""
+        vals = {}
+        for i, plan in enumerate(self._mat_plans if plans is None else plans):
+            n_f, units = len(plan["fams"]), plan["units"]
+            if graph:  # functional, for torch.compile
+                cols = [torch.cat([self._fill_source(tensors, f).to(_F64) for f in seg], 0) for seg in plan["segments"]]
+                x = torch.cat(cols, 2)
+            else:  # into a scratch buffer (a fresh multi-MB buffer would page-fault on every call)
+                x = self._mat_scratch.get((plans is None, i))
+                if x is None:
+                    x = self._mat_scratch[(plans is None, i)] = torch.empty(n_f, units, plan["width"], dtype=_F64,
+                                                           device=plan["device"])
+                for seg in plan["segments"]:
+                    for f in seg:
+                        (k0, k1), (a, e) = f["cols"], f["fams"]
+                        x[a:e, :, k0:k1].copy_(self._fill_source(tensors, f))
+            k = plan["split"]  # X = [producers | consumers]: h = X₊X₊ᵀ − X₋X₋ᵀ
+            xp, xn = x[:, :, :k], x[:, :, k:]
+            h = torch.bmm(xp, xp.transpose(1, 2))
+            if xn.shape[2]:
+                h = torch.baddbmm(h, xn, xn.transpose(1, 2), alpha=-1)
+            vals.update(zip(plan["fams"], h.unbind(0)))
+        return vals
 
     # -- evaluation ------------------------------------------------------------------------
     def _stats_eager(self, tensors) -> dict:
@@ -439,29 +543,25 @@ class LawEvaluator:
                 out[(name,) + k] = v
         return out
 
-    @staticmethod
-    def _gram_batch(tensors, g) -> Tensor:
-        pm = tensors[g["param"]].movedim(g["axis"], 0)
-        T, U = g["T"], g["shape"][0]
-        m = pm.reshape(T, U, -1) if g["view"] else pm[g["index"]].reshape(T, U, -1)
-        m = m.to(_F64)
-        return torch.bmm(m, m.transpose(1, 2))
-
-    def _values(self, ps: tuple, graph: bool) -> list:
+    def _values(self, ps: tuple, graph: bool, stats: dict | None = None) -> list:
         """The family values (in `self.names` order) from the law parameters `ps` (in
         `self.tensors` order). A pure function of `ps` given the plan; graph=True uses the
-        unchunked statistics, for torch.compile."""
+        unchunked statistics, for torch.compile; `stats` (from the native step) replaces the
+        statistics pass."""
         tensors = dict(zip(self.tensors.keys(), ps))
-        stats = self._stats_graph(tensors) if graph else self._stats_eager(tensors)
+        if stats is None:
+            stats = self._stats_graph(tensors) if graph else self._stats_eager(tensors)
         vals = {}
         for plan in self._diag_plans:
             allstats = torch.cat([stats[k].reshape(-1) for k in plan["keys"]])
-            for b in plan["buckets"]:
-                v = (allstats[b["src"]] * b["sign"]).sum(1)
-                o = 0
-                for name, u in b["fams"]:
-                    vals[name] = v[o:o + u]
-                    o += u
+            for b in plan["buckets"]:  # Σ_w s_w stat[src_w], left to right (as Family.value sums)
+                src, signs = b["src"], b["signs"]
+                v = allstats.index_select(0, src[0])
+                if signs[0] < 0:
+                    v = v.neg_()
+                for w in range(1, len(signs)):
+                    v.add_(allstats.index_select(0, src[w]), alpha=signs[w])
+                vals.update(zip(b["names"], v.split(b["sizes"])))
         for name, pieces in self._vec_plans:
             parts = []
             for kind, key, sign in pieces:
@@ -472,22 +572,56 @@ class LawEvaluator:
                     x = tensors[pname].movedim(axis, 0)[idx].reshape(units, -1).to(_F64).sum(0)
                 parts.append(x if sign == 1.0 else x * sign)
             vals[name] = torch.cat(parts)
-        for plan in self._mat_plans:
-            grams = {}
-            for u, keys in plan["by_units"].items():
-                parts = [self._gram_batch(tensors, self._mat_groups[k]) for k in keys]
-                grams[u] = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
-            for b in plan["buckets"]:
-                v = (grams[b["units"]][b["idx"]] * b["sign"]).sum(1)
-                for i, name in enumerate(b["fams"]):
-                    vals[name] = v[i]
+        if stats is not None and self._gram_plans and all(
+                (p, "gram", a) in stats for p, req in self._gram_specs.items() for a in (0, 1) if req[a]):
+            vals.update(self._gram_values())  # the native step's Grams
+            vals.update(self._matrix_values(tensors, graph, self._mat_rest_plans))
+        else:
+            vals.update(self._matrix_values(tensors, graph))
         for f in self._generic:
             vals[f.name] = f.value(tensors)
         return [vals[n] for n in self.names]
 
+    def native_needs(self) -> dict:
+        """{parameter name: (its `_StatsSpec` or None, U of its row Grams, U of its column
+        Grams)}: what the native step computes for each law parameter."""
+        out = OrderedDict()
+        for name in self.tensors:
+            spec, (ru, cu) = self._stats.get(name), self._gram_specs.get(name, (0, 0))
+            if spec is not None or ru or cu:
+                out[name] = (spec, ru, cu)
+        return out
+
+    @torch.no_grad()
+    def values_from_stats(self, stats: dict) -> dict:
+        """{family: h} from precomputed statistics {(name, op, axis): float64 tensor} of the
+        current parameters (the native step's); Grams and other terms from the parameters."""
+        return dict(zip(self.names, self._values(tuple(self.tensors.values()), False, stats)))
+
+    def _native_stats(self) -> dict | None:
+        from .native import NativeStats, NativeUnavailable
+
+        if self._native is None:
+            self._native = NativeStats(self.native_needs())
+        try:
+            where: dict = {}
+            if self._native.collect_rest(self.tensors, where):
+                return self._native.stats(self.tensors, where)
+        except NativeUnavailable as e:
+            import warnings
+
+            warnings.warn(f"consopt: the native law statistics are unavailable ({e}); using the eager backend",
+                          RuntimeWarning, stacklevel=3)
+            self._backend = "eager"
+            self._native = None
+        return None  # (a tensor it cannot read: this call is eager)
+
     @torch.no_grad()
     def __call__(self) -> dict:
         ps = tuple(p.detach() for p in self.tensors.values())
+        if self._backend == "native":
+            stats = self._native_stats()
+            return dict(zip(self.names, self._values(ps, False, stats)))
         if self._backend == "compile":
             try:
                 if self._compiled is None:

@@ -2,8 +2,9 @@
 
 The update is torch's own (`torch.optim.sgd.sgd`, the functional behind `torch.optim.SGD`), so
 parameters and momentum buffers are bitwise those of `torch.optim.SGD` (with
-tracking_backend="compile" on the CPU: the same arithmetic as one compiled graph,
-`consopt.compiled_update`, checked bit for bit against torch's; on CUDA: the fused Triton step). With `laws`, the
+tracking_backend="native" on the CPU: the same arithmetic in one C++ pass that also forms the law
+statistics, `consopt.native`; with "compile": as one compiled graph, `consopt.compiled_update`;
+both checked bit for bit against torch's; on CUDA: the fused Triton step). With `laws`, the
 optimizer also records h(θ_0) when tracking starts and h(θ_t) after every step, in float64
 (`consopt.functional.LawEvaluator`), so that `deviation()` = h(θ_t) − h(θ_0) is free to read.
 """
@@ -227,6 +228,8 @@ class SGD(torch.optim.SGD):
         self._fused_ok = False  # a fused step has completed (kernels compiled and ran)
         self._projector = None  # FlatProjector on the fused path (False: its first use failed)
         self._cpu_update = None  # consopt.compiled_update.CompiledUpdate (tracking_backend="compile")
+        self._native = None  # consopt.native.NativeStep (tracking_backend="native")
+        self._native_checked = False
         if laws is not None:
             self._tracker = _LawTracker(laws, self._bind(laws))
 
@@ -287,6 +290,8 @@ class SGD(torch.optim.SGD):
         d["_fused_ok"] = False
         d["_projector"] = None
         d["_cpu_update"] = None
+        d["_native"] = None
+        d["_native_checked"] = False
         d.setdefault("_force_triton", False)
         if d["_law_names"] is None:
             d["_law_names"] = {}
@@ -326,8 +331,12 @@ class SGD(torch.optim.SGD):
             if values is _FALLBACK:
                 values = None
                 self._torch_step()
-        elif not self._compiled_cpu_step():
-            self._torch_step()
+        else:
+            values = self._native_cpu_step()
+            if values is _FALLBACK:
+                values = None
+                if not self._compiled_cpu_step():
+                    self._torch_step()
 
         if self.projection is not None and tracker is not None:
             if found_inf is None or not bool(found_inf.item()):  # a skipped step moved nothing
@@ -525,24 +534,55 @@ class SGD(torch.optim.SGD):
                 for p, momentum_buffer in zip(params, momentum_buffer_list, strict=True):
                     self.state[p]["momentum_buffer"] = momentum_buffer
 
-    def _compiled_cpu_step(self) -> bool:
-        """With tracking_backend="compile" on the CPU: torch's update as one compiled graph
-        (`consopt.compiled_update`, bitwise torch's, checked at its first call). False when it
-        does not apply (first step with momentum, GradScaler, fused/differentiable groups,
-        dtypes other than float32/float64, tensor hyperparameters that need grad, …): then
-        torch's own update runs."""
+    def _native_cpu_step(self):
+        """With tracking_backend="native" on the CPU: torch's update and the law statistics in
+        one pass (`consopt.native`, bitwise torch's update, checked at its first call); returns
+        {family: h(θ_t)} (None: evaluated when read), or _FALLBACK where it does not apply (as
+        for `_compiled_cpu_step`, and non-contiguous tensors): then the other paths run."""
+        from .native import NativeStep
+
+        tracker = self._tracker
+        if tracker is None or tracker.evaluator.backend != "native":
+            return _FALLBACK
+        if self._native is not None and self._native.disabled is not None:
+            return _FALLBACK
+        segments = self._cpu_segments()
+        if segments is None:
+            return _FALLBACK
+        ev = tracker.evaluator
+        if self._native is None:
+            self._native = NativeStep(ev.native_needs(), ev.tensors)
+        stats = self._native(segments, ev.tensors)
+        if stats is None:
+            return _FALLBACK
+        if not stats and self._native.needs:
+            return None  # updated; a law tensor it cannot read: evaluated when read
+        values = ev.values_from_stats(stats)
+        if not self._native_checked:  # once: the values against the evaluator's own pass
+            self._native_checked = True
+            ref = ev.values_from_stats(ev._stats_eager({n: p.detach() for n, p in ev.tensors.items()}))
+            scale = ev.scale()
+            for n in ref:
+                tol = 1e-12 * scale[n] + 1e-300
+                if not bool(((values[n] - ref[n]).abs() <= tol).all()):
+                    warnings.warn(f"consopt: the native law statistics disagree with the eager evaluation for "
+                                  f"{n!r}; tracking uses the eager backend", RuntimeWarning, stacklevel=3)
+                    ev.backend = "eager"
+                    return ref
+        return values
+
+    def _cpu_segments(self) -> list | None:
+        """Every param group's update as a `consopt.compiled_update.Segment` (torch's selection
+        of params with gradients), or None where only torch's own update applies (the step is
+        being traced, GradScaler, fused/differentiable groups, tensor hyperparameters that need
+        grad, sparse gradients, the first step with momentum, dtypes other than float32/float64,
+        tensors shared between params, grads and buffers)."""
         from .compiled_update import CompiledUpdate, Segment
 
-        if self._tracker is None or self._tracker.evaluator.backend != "compile":
-            return False
         if torch.compiler.is_compiling():  # the step itself is being traced: torch's update
-            return False
+            return None
         if getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None:
-            return False
-        if self._cpu_update is None:
-            self._cpu_update = CompiledUpdate()
-        if self._cpu_update.disabled is not None:
-            return False
+            return None
         segments = []
         for group in self.param_groups:
             if group["differentiable"] or group["fused"]:
@@ -550,20 +590,37 @@ class SGD(torch.optim.SGD):
             lr = group["lr"]
             if isinstance(lr, Tensor):
                 if lr.requires_grad or lr.numel() != 1:
-                    return False
+                    return None
                 lr = lr.item()
             hyper = [group[k] for k in ("momentum", "dampening", "weight_decay")]
             if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in [lr] + hyper):
-                return False
+                return None
             params, grads, bufs = [], [], []
             if self._init_group(group, params, grads, bufs):  # torch's selection, as _torch_step's
-                return False  # a sparse gradient
+                return None  # a sparse gradient
             seg = Segment(params, grads, bufs, float(lr), *map(float, hyper), nesterov=bool(group["nesterov"]),
                           maximize=bool(group["maximize"]), foreach=bool(group["foreach"]))
             if not CompiledUpdate.applicable(seg):
-                return False
+                return None
             segments.append(seg)
         if not CompiledUpdate.distinct(segments):
+            return None
+        return segments
+
+    def _compiled_cpu_step(self) -> bool:
+        """With tracking_backend="compile" on the CPU: torch's update as one compiled graph
+        (`consopt.compiled_update`, bitwise torch's, checked at its first call). False when it
+        does not apply (see `_cpu_segments`): then torch's own update runs."""
+        from .compiled_update import CompiledUpdate
+
+        if self._tracker is None or self._tracker.evaluator.backend != "compile":
+            return False
+        if self._cpu_update is None:
+            self._cpu_update = CompiledUpdate()
+        if self._cpu_update.disabled is not None:
+            return False
+        segments = self._cpu_segments()
+        if segments is None:
             return False
         return self._cpu_update(segments)
 
@@ -613,12 +670,19 @@ class SGD(torch.optim.SGD):
         """How h(θ_t) is computed after each step (None without laws):
 
         "eager" (default): chunked float64 torch ops (``consopt.functional.LawEvaluator``).
+        "native" (CPU): the update and every law statistic in one pass of a C++ kernel
+        (`consopt.native`: each element read and written once; row/column sums and the Gram
+        matrices of attention heads and other aligned unit groups formed while the parameter is
+        in cache; bitwise torch's update, checked against torch's at its first call). Built on
+        first use with the system's C++ compiler (about 5 s, then cached); without one, a
+        warning and "eager". The fastest CPU backend: at or below 1.2× torch's plain step with
+        every law tracked (`benchmarks/bench_cpu.py`).
         "compile": the per-parameter statistics in one ``torch.compile``d graph (one fused pass
         over each parameter; the first step compiles, which takes seconds; falls back to
         "eager" with a warning if compilation fails). On the CPU the update itself then also
         runs as one compiled graph (`consopt.compiled_update`: one pass per tensor instead of
         torch's two to four, bitwise torch's result, checked against torch's update at its first
-        call). Both backends match a float64 re-evaluation to ~1e-15 × scale; bitwise
+        call). All backends match a float64 re-evaluation to ~1e-15 × scale; bitwise
         reproducibility of the deviations (e.g. of a resumed run) holds within a backend.
         """
         return None if self._tracker is None else self._tracker.evaluator.backend

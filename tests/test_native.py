@@ -1,0 +1,389 @@
+"""consopt.native: torch's SGD update and the law statistics in one C++ pass
+(tracking_backend="native"). The kernel against torch and float64 references on odd shapes, the
+optimizer bitwise against torch.optim.SGD with exact deviations, and the fallbacks."""
+
+from __future__ import annotations
+
+import copy
+import math
+import shutil
+import warnings
+import zlib
+
+import pytest
+import torch
+from torch.optim.sgd import sgd as torch_sgd
+
+import consopt
+import consopt.native as N
+from consopt.functional import LawEvaluator
+from consopt.laws import Family, Term
+
+from _models import MLP, build, fill_grads, lawset, mlp_laws, rows
+
+pytestmark = pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                                reason="no C++ compiler to build the native kernel")
+
+
+def _seed_of(*parts) -> int:
+    return zlib.crc32(repr(parts).encode()) & 0x7FFFFFFF
+
+
+def _bits(a: torch.Tensor) -> torch.Tensor:
+    return a.detach().contiguous().view(torch.int32 if a.element_size() == 4 else torch.int64)
+
+
+def _same(a, b) -> bool:
+    return torch.equal(_bits(a), _bits(b))
+
+
+def _maxabs(t: torch.Tensor) -> float:
+    return float(t.abs().max()) if t.numel() else 0.0
+
+
+SHAPES = [(7, 13), (1,), (13,), (3, 5, 2, 2), (0, 4), (4, 0), (), (97, 1), (1000,), (33, 257), (1, 1)]
+HYPER = [  # momentum, dampening, nesterov, weight decay, maximize
+    (0.9, 0.1, False, 0.01, False),
+    (0.9, 0.0, True, 0.0, False),  # nesterov writes the gradients (torch's foreach path)
+    (0.9, 0.0, True, 0.01, True),
+    (0.0, 0.0, False, 0.0, True),
+    (0.0, 0.0, False, 0.02, False),
+]
+
+
+def _flags(mom, damp, nest, wd, maximize):
+    f = (N.MAXIMIZE if maximize else 0) | (N.WEIGHT_DECAY if wd else 0) | (N.MOMENTUM if mom else 0)
+    f |= N.NESTEROV if nest and mom else 0
+    if nest and mom and not maximize and wd == 0:
+        f |= N.WRITES_GRAD
+    return f
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("hyper", HYPER, ids=lambda h: "-".join(map(str, h)))
+def test_kernel_update_and_stats(dtype, hyper):
+    """The update is torch's foreach SGD bit for bit; row and column sums (of x and x²) equal a
+    float64 evaluation of the updated tensor, for odd shapes (1 element, primes, empty, 0-dim)."""
+    mom, damp, nest, wd, maximize = hyper
+    g = torch.Generator().manual_seed(_seed_of(hyper, str(dtype)))
+    ps = [torch.randn(s, generator=g, dtype=dtype) for s in SHAPES]
+    gs = [torch.randn(s, generator=g, dtype=dtype) for s in SHAPES]
+    ms = [torch.randn(s, generator=g, dtype=dtype) for s in SHAPES]
+    stats = [i % 3 != 2 for i in range(len(SHAPES))]
+    layout = N.Layout([p.shape for p in ps], stats)
+    rp, rg, rm = ([x.clone() for x in xs] for xs in (ps, gs, ms))
+    torch_sgd(rp, rg, rm if mom else [None] * len(rp), weight_decay=wd, momentum=mom, lr=0.05, dampening=damp,
+              nesterov=nest, maximize=maximize, foreach=True)
+    versions = [p._version for p in ps]
+    layout.run(dtype, _flags(*hyper), ps, gs, ms if mom else None, -0.05, mom, 1 - damp, wd)
+    for i in range(len(SHAPES)):
+        assert _same(ps[i], rp[i]) and _same(gs[i], rg[i]), SHAPES[i]
+        if mom:
+            assert _same(ms[i], rm[i]), SHAPES[i]
+        assert ps[i]._version > versions[i]  # autograd sees the in-place update
+        if not stats[i]:
+            continue
+        p = ps[i]
+        x = p.double().reshape(p.shape[0] if p.ndim else 1, math.prod(p.shape[1:]))
+        (rs, rq), (cs, cq) = layout.rows[i], layout.cols[i]
+        scale = float((x * x).sum()) + 1e-300
+        for got, ref in ((rs, x.sum(1)), (rq, (x * x).sum(1)), (cs, x.sum(0)), (cq, (x * x).sum(0))):
+            assert got.shape == ref.shape, SHAPES[i]
+            assert _maxabs(got - ref) <= 1e-14 * scale, SHAPES[i]
+
+
+def _assert_grams(got: torch.Tensor, m: torch.Tensor) -> None:
+    """got = m mᵀ per batch, within 1e-14 × Σ|terms| elementwise (float64 reference)."""
+    ref, scale = m @ m.transpose(1, 2), m.abs() @ m.abs().transpose(1, 2)
+    assert got.shape == ref.shape
+    assert bool(((got - ref).abs() <= 1e-14 * scale).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kernel_grams(dtype):
+    """Gram matrices of aligned row groups (U = 32, 8, 3, 1-D outer products) and column groups
+    (U = 32 register-blocked, U = 5 and 3 plain) against float64 matmuls of the updated values;
+    also written through an offset table into a shared output, skipping groups marked −1."""
+    g = torch.Generator().manual_seed(_seed_of("grams", str(dtype)))
+    shapes = [(64, 37), (96,), (16, 96), (9, 15), (7, 5), (130, 64)]
+    ps = [torch.randn(s, generator=g, dtype=dtype) for s in shapes]
+    gs = [torch.randn(s, generator=g, dtype=dtype) for s in shapes]
+    out = torch.full((3 * 3 * 3 + 9,), float("nan"), dtype=torch.float64)
+    offsets = torch.tensor([9, -1, 18], dtype=torch.int64)  # rows of (9, 15) in groups of 3; group 1 unused
+    layout = N.Layout(shapes, [True] * len(shapes), row_gram=[32, 32, 8, (3, out, offsets), 0, 65],
+                      col_gram=[0, 0, 32, 5, 5, 32])
+    layout.run(dtype, 0, ps, gs, None, -0.1)
+    for i, p in enumerate(ps):
+        x = p.double().reshape(p.shape[0], -1)
+        if layout.row_grams[i] is not None:
+            u = layout.row_grams[i].shape[1]
+            _assert_grams(layout.row_grams[i], x.reshape(-1, u, x.shape[1]))
+        if layout.col_grams[i] is not None:
+            u = layout.col_grams[i].shape[1]
+            _assert_grams(layout.col_grams[i], x.t().reshape(-1, u, x.shape[0]))
+    x = ps[3].double().reshape(3, 3, 15)
+    _assert_grams(out[9:18].view(1, 3, 3), x[0:1])
+    _assert_grams(out[18:27].view(1, 3, 3), x[2:3])
+    assert torch.isnan(out[:9]).all() and torch.isnan(out[27:]).all()  # nothing else written
+
+
+def test_kernel_squares_only():
+    """sums=False: only the sums of squares are formed (rescale laws); the plain sums stay 0."""
+    g = torch.Generator().manual_seed(_seed_of("squares"))
+    shapes = [(31, 9), (17,), (2, 3, 5)]
+    ps = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+    layout = N.Layout(shapes, [True] * 3, sums=[False, False, True])
+    layout.run(torch.float64, N.STATS_ONLY, ps, None, None)
+    for i, p in enumerate(ps):
+        x = p.reshape(p.shape[0], -1)
+        (rs, rq), (cs, cq) = layout.rows[i], layout.cols[i]
+        assert _maxabs(rq - (x * x).sum(1)) <= 1e-14 * float((x * x).sum())
+        assert _maxabs(cq - (x * x).sum(0)) <= 1e-14 * float((x * x).sum())
+        if i < 2:
+            assert not rs.any() and not cs.any()
+        else:
+            assert _maxabs(rs - x.sum(1)) <= 1e-14 * float(x.abs().sum())
+
+
+def test_kernel_stats_only_and_threads():
+    """STATS_ONLY reads without writing; the statistics are bitwise the same with 1 and 2 threads."""
+    g = torch.Generator().manual_seed(_seed_of("threads"))
+    shapes = [(257, 33), (1031,), (64, 64)]
+    ps = [torch.randn(s, generator=g) for s in shapes]
+    before = [p.clone() for p in ps]
+    versions = [p._version for p in ps]
+    layouts = [N.Layout(shapes, [True] * 3, [0, 0, 32], [3, 0, 32]) for _ in range(2)]
+    n = torch.get_num_threads()
+    try:
+        for layout, threads in zip(layouts, (1, 2)):
+            torch.set_num_threads(threads)
+            layout.run(torch.float32, N.STATS_ONLY, ps, None, None)
+    finally:
+        torch.set_num_threads(n)
+    assert all(_same(a, b) for a, b in zip(ps, before)) and [p._version for p in ps] == versions
+    a, b = layouts
+    for i in range(3):
+        for x, y in zip(a.rows[i] + a.cols[i], b.rows[i] + b.cols[i]):
+            assert _same(x, y)
+    assert _same(a.row_grams[2], b.row_grams[2]) and _same(a.col_grams[0], b.col_grams[0])
+
+
+# -- the optimizer ---------------------------------------------------------------------------
+def _groups(model, n_groups, lr, wd):
+    ps = list(model.parameters())
+    if n_groups == 1:
+        return [{"params": ps}]
+    lr2 = lr * 0.5 if not torch.is_tensor(lr) else torch.tensor(float(lr) * 0.5)
+    return [{"params": ps[0:2]}, {"params": ps[2:4], "lr": lr2, "weight_decay": wd * 3},
+            {"params": ps[4:], "weight_decay": 0.0}]
+
+
+CONFIGS = [  # (momentum, dampening, nesterov, wd, maximize, lr kind, groups, foreach, dtype)
+    (0.9, 0.0, True, 1e-2, False, "tensor", 3, True, torch.float32),
+    (0.9, 0.3, False, 0.0, True, "float", 1, False, torch.float32),
+    (0.0, 0.0, False, 1e-2, False, "float", 1, True, torch.float32),
+    (0.9, 0.0, True, 0.0, False, "float", 1, True, torch.float32),
+    (0.9, 0.0, False, 1e-2, True, "tensor", 3, False, torch.float64),
+]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "-".join(map(str, c)).replace("torch.", ""))
+def test_native_sgd_bitwise_and_exact(cfg):
+    """30 steps (fc3.bias without gradient every 7th step): params, momentum and grads are
+    torch.optim.SGD's bit for bit, the native step ran every step after the first, and every
+    deviation equals a float64 re-evaluation (SPEC §6)."""
+    mom, damp, nest, wd, maximize, lr_kind, n_groups, foreach, dtype = cfg
+    torch.manual_seed(_seed_of(cfg))
+    ref = MLP(d_in=7, h1=13, h2=1, d_out=3).to(dtype)
+    mod = copy.deepcopy(ref)
+    lr = 0.05 if lr_kind == "float" else torch.tensor(0.05)
+
+    def make(cls, model, **extra):
+        lr_ = lr.clone() if torch.is_tensor(lr) else lr
+        return cls(_groups(model, n_groups, lr_, wd), lr=lr_, momentum=mom, dampening=damp, weight_decay=wd,
+                   nesterov=nest, maximize=maximize, foreach=foreach, **extra)
+
+    laws = mlp_laws(mod)
+    h0, s0 = laws.evaluate(mod), laws.scale(mod)
+    o_ref, o_mod = make(torch.optim.SGD, ref), make(consopt.SGD, mod, laws=laws)
+    o_mod.tracking_backend = "native"
+    g = torch.Generator().manual_seed(_seed_of(cfg, "grads"))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="consopt", category=RuntimeWarning)  # no silent fallback
+        for step in range(30):
+            for p_ref, p_mod in zip(ref.parameters(), mod.parameters()):
+                p_ref.grad = torch.randn(p_ref.shape, generator=g).to(dtype)
+                p_mod.grad = p_ref.grad.clone()
+            if step % 7 == 3:  # a law parameter without gradient: torch skips it, its statistics are read
+                ref.fc3.bias.grad = mod.fc3.bias.grad = None
+            o_ref.step()
+            o_mod.step()
+    for (name, a), b in zip(ref.named_parameters(), mod.parameters()):
+        assert _same(a, b), name
+        if a.grad is not None:
+            assert _same(a.grad, b.grad), name
+        ba, bb = o_ref.state[a].get("momentum_buffer"), o_mod.state[b].get("momentum_buffer")
+        assert (ba is None) == (bb is None) and (ba is None or _same(ba, bb)), name
+    assert o_mod._native is not None and o_mod._native.disabled is None
+    assert o_mod.tracking_backend == "native" and o_mod.tracked_steps == 30
+    h, s1 = laws.evaluate(mod), laws.scale(mod)
+    for k, d in o_mod.deviation().items():
+        scale = torch.maximum(s0[k], s1[k]).clamp_min(1e-300)
+        assert float(((d - (h[k] - h0[k])).abs() / scale).max()) <= 1e-12, k
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn_bn", "attention", "llama"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_native_deviation_exact_models(name, dtype):
+    """MLP, CNN with BatchNorm, attention (head dim 4: the plain column-Gram path) and Llama-style
+    (GQA) models trained on real losses: deviation() = float64 re-evaluation within 1e-12 × scale,
+    and the parameters are torch.optim.SGD's bit for bit."""
+    model, laws = build(name, dtype=dtype, seed=_seed_of(name))
+    ref = copy.deepcopy(model)
+    h0, s0 = laws.evaluate(model), laws.scale(model)
+    opt = consopt.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3, laws=laws)
+    opt.tracking_backend = "native"
+    o_ref = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    g = torch.Generator().manual_seed(_seed_of(name, "data"))
+    for _ in range(6):
+        inputs, target = model.example_inputs(generator=g)
+        fill_grads(model, inputs, target)
+        for a, b in zip(ref.parameters(), model.parameters()):
+            a.grad = None if b.grad is None else b.grad.clone()
+        opt.step()
+        o_ref.step()
+    assert opt._native is not None and opt._native.disabled is None
+    for (n, a), b in zip(ref.named_parameters(), model.parameters()):
+        assert _same(a, b), n
+    h, s1 = laws.evaluate(model), laws.scale(model)
+    for k, d in opt.deviation().items():
+        scale = torch.maximum(s0[k], s1[k]).clamp_min(1e-300)
+        assert float(((d - (h[k] - h0[k])).abs() / scale).max()) <= 1e-12, k
+
+
+def test_evaluator_native_backend_matches_eager():
+    """LawEvaluator(backend="native") (statistics-only kernel + arena Grams) equals the eager
+    plan to float64 rounding, on a family whose Gram group is shared (kept on the batched path)."""
+    torch.manual_seed(_seed_of("ev"))
+    model, laws = build("attention", dtype=torch.float64, seed=3)
+    extra = Family("shared", "linear", "matrix", 2, [Term("attn.in_proj_weight", 0, rows(4, 0), +1),
+                                                      Term("out.weight", 1, rows(4, 0), -1)])
+    laws = lawset(model, list(laws.families) + [extra])
+    tensors = {n: model.get_parameter(n) for n in laws.param_names}
+    eager = LawEvaluator(laws, tensors)()
+    ev = LawEvaluator(laws, tensors, backend="native")
+    assert "shared" in [n for plan in ev._mat_rest_plans for n in plan["fams"]]  # its group is QK h0's
+    got = ev()
+    assert ev.backend == "native"
+    scale = laws.scale(model)
+    for k in eager:
+        assert float(((got[k] - eager[k]).abs() / scale[k].clamp_min(1e-300)).max()) <= 1e-14, k
+
+
+def test_native_resume_continues_bitwise(tmp_path):
+    """A run saved at step 4 and resumed (fresh model + optimizer, native) continues its
+    deviations bit for bit."""
+    def run(n, state=None, model_state=None):
+        torch.manual_seed(_seed_of("resume-init"))
+        model = MLP()
+        if model_state is not None:
+            model.load_state_dict(model_state)
+        opt = consopt.SGD(model.parameters(), lr=0.1, momentum=0.9, laws=mlp_laws(model))
+        opt.tracking_backend = "native"
+        if state is not None:
+            opt.load_state_dict(state)
+        g = torch.Generator().manual_seed(_seed_of("resume-data"))
+        for i in range(n):
+            gg = [torch.randn(p.shape, generator=g) for p in model.parameters()]
+            if state is None or i >= 4:
+                for p, x in zip(model.parameters(), gg):
+                    p.grad = x
+                opt.step()
+        return model, opt
+
+    m_full, o_full = run(8)
+    m_half, o_half = run(4)
+    torch.save({"opt": o_half.state_dict(), "model": m_half.state_dict()}, tmp_path / "ckpt.pt")
+    ck = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    m_res, o_res = run(8, ck["opt"], ck["model"])
+    for k, d in o_full.deviation().items():
+        assert _same(d, o_res.deviation()[k]), k
+    assert all(_same(a, b) for a, b in zip(m_full.parameters(), m_res.parameters()))
+
+
+# -- fallbacks -------------------------------------------------------------------------------
+def _mlp_pair(seed):
+    torch.manual_seed(seed)
+    ref = MLP()
+    mod = copy.deepcopy(ref)
+    laws = mlp_laws(mod)
+    o_ref = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    o_mod = consopt.SGD(mod.parameters(), lr=0.1, momentum=0.9, laws=laws)
+    o_mod.tracking_backend = "native"
+    return ref, mod, laws, o_ref, o_mod
+
+
+def _step_both(ref, mod, o_ref, o_mod, g, n):
+    for _ in range(n):
+        for a, b in zip(ref.parameters(), mod.parameters()):
+            a.grad = torch.randn(a.shape, generator=g)
+            b.grad = a.grad.clone()
+        o_ref.step()
+        o_mod.step()
+
+
+def test_no_compiler_falls_back(monkeypatch):
+    """Without a C++ compiler: one warning, torch's update, eager statistics; still exact."""
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    monkeypatch.setattr(N, "_lib", None)
+    monkeypatch.setattr(N, "_error", None)
+    ref, mod, laws, o_ref, o_mod = _mlp_pair(_seed_of("nocxx"))
+    h0 = laws.evaluate(mod)
+    g = torch.Generator().manual_seed(1)
+    with pytest.warns(RuntimeWarning, match="native"):
+        _step_both(ref, mod, o_ref, o_mod, g, 4)
+    assert all(_same(a, b) for a, b in zip(ref.parameters(), mod.parameters()))
+    assert o_mod.tracking_backend == "eager"
+    h, sc = laws.evaluate(mod), laws.scale(mod)
+    for k, d in o_mod.deviation().items():
+        assert float(((d - (h[k] - h0[k])).abs() / sc[k].clamp_min(1e-300)).max()) <= 1e-12, k
+
+
+def test_mismatching_first_call_is_undone(monkeypatch):
+    """A kernel whose first result differs from torch's (simulated: wrong flags) is undone, torch's
+    update applied instead, a warning raised, and the native step switched off."""
+    ref, mod, laws, o_ref, o_mod = _mlp_pair(_seed_of("mismatch"))
+    g = torch.Generator().manual_seed(2)
+    _step_both(ref, mod, o_ref, o_mod, g, 1)  # first momentum step: torch's
+    monkeypatch.setattr(N, "kernel_flags", lambda seg: N.MOMENTUM | N.MAXIMIZE)
+    with pytest.warns(RuntimeWarning, match="differs from torch"):
+        _step_both(ref, mod, o_ref, o_mod, g, 1)
+    assert o_mod._native.disabled is not None
+    _step_both(ref, mod, o_ref, o_mod, g, 2)
+    for (n, a), b in zip(ref.named_parameters(), mod.parameters()):
+        assert _same(a, b), n
+        assert _same(o_ref.state[a]["momentum_buffer"], o_mod.state[b]["momentum_buffer"]), n
+
+
+def test_non_contiguous_takes_torch_path():
+    """A channels_last conv weight (not contiguous) keeps torch's update and eager statistics for
+    that step; the result is still torch's and the deviations exact."""
+    model, laws = build("cnn_bn", seed=_seed_of("cl"))
+    model = model.to(memory_format=torch.channels_last)
+    ref = copy.deepcopy(model)
+    h0 = laws.evaluate(model)
+    opt = consopt.SGD(model.parameters(), lr=0.05, momentum=0.9, laws=laws)
+    opt.tracking_backend = "native"
+    o_ref = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
+    g = torch.Generator().manual_seed(4)
+    for _ in range(3):
+        inputs, target = model.example_inputs(generator=g)
+        fill_grads(model, inputs, target)
+        for a, b in zip(ref.parameters(), model.parameters()):
+            a.grad = None if b.grad is None else b.grad.clone()
+        opt.step()
+        o_ref.step()
+    assert all(_same(a, b) for a, b in zip(ref.parameters(), model.parameters()))
+    h, sc = laws.evaluate(model), laws.scale(model)
+    for k, d in opt.deviation().items():
+        assert float(((d - (h[k] - h0[k])).abs() / sc[k].clamp_min(1e-300)).max()) <= 1e-12, k
