@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["NativeUnavailable", "load", "Layout", "SOURCE"]
+__all__ = ["NativeUnavailable", "available", "load", "Layout", "NativeStep", "NativeStats", "SOURCE"]
 
 SOURCE = Path(__file__).with_name("csrc") / "sgd_stats.cpp"
 # -ffp-contract=fast turns the statistics' a += x·y into FMAs; the update itself is written with
@@ -71,6 +71,12 @@ def _compiler() -> str | None:
         if found:
             return found
     return None
+
+
+def available() -> bool:
+    """Whether the native step can be tried here: built already, or a C++ compiler is found (a
+    failing build then warns once and the optimizer falls back to the eager backend)."""
+    return _lib is not None or (_error is None and _compiler() is not None)
 
 
 def cache_dir() -> Path:

@@ -232,6 +232,10 @@ class SGD(torch.optim.SGD):
         self._native_checked = False
         if laws is not None:
             self._tracker = _LawTracker(laws, self._bind(laws))
+            from .native import available as native_available
+
+            if all(p.device.type == "cpu" for p in self._tracker.evaluator.tensors.values()) and native_available():
+                self._tracker.evaluator.backend = "native"  # the one-pass CPU step (see tracking_backend)
 
     # -- binding ---------------------------------------------------------------------------
     def _bind(self, laws: LawSet) -> dict:
@@ -586,7 +590,7 @@ class SGD(torch.optim.SGD):
         segments = []
         for group in self.param_groups:
             if group["differentiable"] or group["fused"]:
-                return False
+                return None
             lr = group["lr"]
             if isinstance(lr, Tensor):
                 if lr.requires_grad or lr.numel() != 1:
@@ -669,14 +673,17 @@ class SGD(torch.optim.SGD):
     def tracking_backend(self) -> str | None:
         """How h(θ_t) is computed after each step (None without laws):
 
-        "eager" (default): chunked float64 torch ops (``consopt.functional.LawEvaluator``).
-        "native" (CPU): the update and every law statistic in one pass of a C++ kernel
+        "native" (default where every law parameter is on the CPU and a C++ compiler is found;
+        else "eager"): the update and every law statistic in one pass of a C++ kernel
         (`consopt.native`: each element read and written once; row/column sums and the Gram
         matrices of attention heads and other aligned unit groups formed while the parameter is
         in cache; bitwise torch's update, checked against torch's at its first call). Built on
         first use with the system's C++ compiler (about 5 s, then cached); without one, a
-        warning and "eager". The fastest CPU backend: at or below 1.2× torch's plain step with
-        every law tracked (`benchmarks/bench_cpu.py`).
+        warning and "eager". Tensors it cannot take (not contiguous, dtypes other than float32/
+        float64, the first step with momentum, GradScaler, …) take torch's update and the eager
+        statistics for that step.
+        "eager": chunked float64 torch ops (``consopt.functional.LawEvaluator``); h(θ_t) is
+        evaluated when first read after a step.
         "compile": the per-parameter statistics in one ``torch.compile``d graph (one fused pass
         over each parameter; the first step compiles, which takes seconds; falls back to
         "eager" with a warning if compilation fails). On the CPU the update itself then also

@@ -387,3 +387,29 @@ def test_non_contiguous_takes_torch_path():
     h, sc = laws.evaluate(model), laws.scale(model)
     for k, d in opt.deviation().items():
         assert float(((d - (h[k] - h0[k])).abs() / sc[k].clamp_min(1e-300)).max()) <= 1e-12, k
+
+
+def test_native_is_the_cpu_default():
+    """On the CPU with a compiler the optimizer takes the native step by default: h(θ_t) comes
+    from the step itself (the evaluator runs once, for h(θ_0)), and reads cost no evaluation."""
+    model, laws = build("mlp", torch.float64, seed=_seed_of("default"))
+    opt = consopt.SGD(model.parameters(), lr=0.05, momentum=0.9, laws=laws)
+    assert opt.tracking_backend == "native"
+    calls = []
+    ev = opt._tracker.evaluator
+    real = type(ev).__call__
+    h0 = laws.evaluate(model)
+    g = torch.Generator().manual_seed(_seed_of("default-data"))
+    type(ev).__call__ = lambda self: (calls.append(1), real(self))[1]
+    try:
+        for _ in range(4):
+            fill_grads(model, *model.example_inputs(generator=g))
+            opt.step()
+        dev = opt.deviation()
+        opt.deviation_stats()
+    finally:
+        type(ev).__call__ = real
+    assert len(calls) == 1 and opt._native is not None and opt._native.disabled is None
+    h, sc = laws.evaluate(model), laws.scale(model)
+    for k, d in dev.items():
+        assert float(((d - (h[k] - h0[k])).abs() / sc[k].clamp_min(1e-300)).max()) <= 1e-12, k

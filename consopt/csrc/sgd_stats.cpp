@@ -52,7 +52,7 @@ inline void store8(double* p, v8 v) { std::memcpy(p, &v, sizeof(v)); }
 
 // G = X Xᵀ for X [U, K] (rows K apart), both triangles written: 4×4 blocks of dot products.
 void gram_rows(const double* __restrict X, int64_t U, int64_t K, double* __restrict G) {
-  const int64_t U4 = U - U % 4, K8 = K - K % 8;
+  const int64_t U4 = K < 8 ? 0 : U - U % 4, K8 = K - K % 8;  // short rows (biases): plain dot products
   for (int64_t i = 0; i < U4; i += 4)
     for (int64_t j = 0; j <= i; j += 4) {
       v8 acc[16] = {};
@@ -72,7 +72,7 @@ void gram_rows(const double* __restrict X, int64_t U, int64_t K, double* __restr
           G[(j + q) * U + i + p] = s;
         }
     }
-  for (int64_t i = U4; i < U; ++i)  // the last U % 4 rows against every row
+  for (int64_t i = U4; i < U; ++i)  // rows outside the 4×4 blocks, against every row
     for (int64_t j = 0; j <= i; ++j) {
       double s = 0;
       const double *x = X + i * K, *y = X + j * K;
