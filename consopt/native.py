@@ -146,7 +146,7 @@ def load() -> ctypes.CDLL:
             raise NativeUnavailable(_error) from e
         fn = lib.consopt_sgd_stats
         P, I64, D, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
-        fn.argtypes = [I, I, I64] + [P] * 12 + [I64] + [P] * 4 + [P] * 8 + [I64, D, D, D, D, I]
+        fn.argtypes = [I, I, I64] + [P] * 12 + [I64] + [P] * 4 + [P] * 8 + [I64, P, D, D, D, D, I]
         fn.restype = I
         _lib = lib
         return lib
@@ -185,7 +185,7 @@ class Layout:
         sums = [1 if x else 0 for x in sums] if sums is not None else [1] * n_t
         row_gram = list(row_gram) if row_gram is not None else [0] * n_t
         col_gram = list(col_gram) if col_gram is not None else [0] * n_t
-        Cs, offs, nbs, goffs = [], [], [], []
+        Cs, offs, nbs, goffs, cost = [], [], [], [], [0]
         it_t, it_r0, it_r1, it_b = [], [], [], []
         self.rows, self.cols, self.row_grams, self.col_grams = [], [], [], []
         rs_p, rq_p, cs_p, cq_p, rg_p, cg_p, rgo_p, cgo_p = [], [], [], [], [], [], [], []
@@ -244,11 +244,15 @@ class Layout:
                 gpartial += nb * C * live_cu
                 if live_ru or live_cu:
                     stage_max = max(stage_max, min(br, R) * C)
+            # estimated cost per element, for splitting the items between threads: the update
+            # (2), the statistics (+1), a Gram's U/2 or U multiply-adds per element (+U/8, +U/4)
+            per_elem = 2 + (1 if live else 0) + live_ru // 8 + live_cu // 4
             for b in range(nb):
                 it_t.append(t)
                 it_r0.append(b * br)
                 it_r1.append(min(R, (b + 1) * br))
                 it_b.append(b)
+                cost.append(cost[-1] + max(1, (it_r1[-1] - it_r0[-1]) * C * per_elem))
         self.n_items = len(it_t)
         self.n_tensors = n_t
         self.stage_max = stage_max
@@ -257,7 +261,7 @@ class Layout:
         self._tables = [_i64(Cs), _i64(rs_p), _i64(rq_p), _i64(cs_p), _i64(cq_p), _i64(sums), self._partial,
                         _i64(offs), _i64(nbs), _i64(it_t), _i64(it_r0), _i64(it_r1), _i64(it_b),
                         _i64(row_gram), _i64(rg_p), _i64(rgo_p), _i64(col_gram), _i64(cg_p), _i64(cgo_p),
-                        self._gpartial, _i64(goffs)]
+                        self._gpartial, _i64(goffs), _i64(cost)]
         self._keep = keep
         self._ptrs = [x.data_ptr() for x in self._tables]
 
@@ -288,10 +292,10 @@ class Layout:
         G = _i64(g.data_ptr() for g in grads) if grads else P
         M = _i64(b.data_ptr() for b in bufs) if bufs else P
         (c, rs, rq, cs, cq, sums, part, offs, nbs, it_t, it_r0, it_r1, it_b, rgu, rg, rgo, cgu, cg, cgo, gpart,
-         goffs) = self._ptrs
+         goffs, cost) = self._ptrs
         rc = lib.consopt_sgd_stats(DTYPES[dtype], flags, self.n_tensors, P.data_ptr(), G.data_ptr(), M.data_ptr(),
                                    c, rs, rq, cs, cq, sums, part, offs, nbs, self.n_items, it_t, it_r0, it_r1, it_b,
-                                   rgu, rg, rgo, cgu, cg, cgo, gpart, goffs, self.stage_max,
+                                   rgu, rg, rgo, cgu, cg, cgo, gpart, goffs, self.stage_max, cost,
                                    neg_lr, mu, damp1, lam, torch.get_num_threads())
         if rc != 0:
             raise RuntimeError(f"consopt native kernel: unsupported flags {flags} / dtype {dtype} (code {rc})")

@@ -12,7 +12,9 @@
 // A second phase sums the column partials over blocks in block order, so results do not depend
 // on the thread count.
 // Built and loaded by consopt/native.py; checked bit for bit against torch at first use.
+#include <algorithm>
 #include <cmath>
+#include <omp.h>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -206,6 +208,7 @@ struct Args {
   double* gpartial;      // column Grams per block: [nblocks, C / U, U, U] at gpart_off
   const int64_t* gpart_off;
   int64_t stage_max;     // largest [rows, C] block of a tensor with Grams
+  const int64_t* it_cost;  // [nitems + 1]: estimated cost of items 0..i-1 (it_cost[0] = 0)
 };
 
 template <typename T, bool MAXI, bool WD, bool MOM, bool NEST, bool WG, bool UPDATE>
@@ -214,8 +217,15 @@ void run(const Args& a, double neg_lr_d, double mu_d, double damp1_d, double lam
 #pragma omp parallel num_threads(nthreads)
   {
     std::vector<double> stage_buf(a.stage_max > 0 ? a.stage_max : 0);
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < a.nitems; ++i) {
+    // each thread takes a contiguous run of items holding an equal share of their estimated cost
+    // (items differ: 32 rows of a wide conv weight, a bias, a block with Gram matrices)
+    const int64_t nth = omp_get_num_threads(), tid = omp_get_thread_num(), total = a.it_cost[a.nitems];
+    // (it_cost[i] = i: an equal number of items per thread)
+    const int64_t lo = total / nth * tid + std::min(tid, total % nth);
+    const int64_t hi = total / nth * (tid + 1) + std::min(tid + 1, total % nth);
+    const int64_t i0 = std::lower_bound(a.it_cost, a.it_cost + a.nitems, lo) - a.it_cost;
+    const int64_t i1 = std::lower_bound(a.it_cost, a.it_cost + a.nitems, hi) - a.it_cost;
+    for (int64_t i = i0; i < i1; ++i) {
       const int64_t t = a.it_t[i], C = a.C[t];
       T* p = (T*)a.P[t];
       T* g = UPDATE ? (T*)a.G[t] : nullptr;
@@ -245,6 +255,7 @@ void run(const Args& a, double neg_lr_d, double mu_d, double damp1_d, double lam
         if (cu) gram_cols(stage, r1 - r0, C, cu, a.gpartial + a.gpart_off[t] + a.it_b[i] * C * cu);
       }
     }
+#pragma omp barrier
     // column sums: partials summed over blocks in block order (thread-count independent)
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < a.ntensors; ++t) {
@@ -323,10 +334,10 @@ extern "C" int consopt_sgd_stats(int dtype, int flags, int64_t ntensors, void** 
                                  const int64_t* it_t, const int64_t* it_r0, const int64_t* it_r1,
                                  const int64_t* it_b, const int64_t* RGU, double** RG, int64_t** RGO,
                                  const int64_t* CGU, double** CG, int64_t** CGO, double* gpartial,
-                                 const int64_t* gpart_off, int64_t stage_max, double neg_lr, double mu, double damp1,
-                                 double lam, int nthreads) {
+                                 const int64_t* gpart_off, int64_t stage_max, const int64_t* it_cost, double neg_lr,
+                                 double mu, double damp1, double lam, int nthreads) {
   Args a{P,    G,     M,     C,    RS,       RQ,  CS, CQ,  SUMS, partial, part_off, nblocks, nitems, it_t,
-         it_r0, it_r1, it_b, ntensors, RGU, RG, RGO, CGU, CG, CGO, gpartial, gpart_off, stage_max};
+         it_r0, it_r1, it_b, ntensors, RGU, RG, RGO, CGU, CG, CGO, gpartial, gpart_off, stage_max, it_cost};
   if (dtype == 0) return dispatch<float>(a, flags, neg_lr, mu, damp1, lam, nthreads);
   if (dtype == 1) return dispatch<double>(a, flags, neg_lr, mu, damp1, lam, nthreads);
   return 2;
