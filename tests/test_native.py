@@ -8,7 +8,6 @@ import copy
 import math
 import shutil
 import warnings
-import zlib
 
 import pytest
 import torch
@@ -20,17 +19,10 @@ from consopt.functional import LawEvaluator
 from consopt.laws import Family, Term
 
 from _models import MLP, build, fill_grads, lawset, mlp_laws, rows
+from _sgd_pairs import CONFIGS, _assert_same, _bits, _grads, _pair, _seed_of
 
 pytestmark = pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
                                 reason="no C++ compiler to build the native kernel")
-
-
-def _seed_of(*parts) -> int:
-    return zlib.crc32(repr(parts).encode()) & 0x7FFFFFFF
-
-
-def _bits(a: torch.Tensor) -> torch.Tensor:
-    return a.detach().contiguous().view(torch.int32 if a.element_size() == 4 else torch.int64)
 
 
 def _same(a, b) -> bool:
@@ -169,67 +161,40 @@ def test_kernel_stats_only_and_threads():
 
 
 # -- the optimizer ---------------------------------------------------------------------------
-def _groups(model, n_groups, lr, wd):
-    ps = list(model.parameters())
-    if n_groups == 1:
-        return [{"params": ps}]
-    lr2 = lr * 0.5 if not torch.is_tensor(lr) else torch.tensor(float(lr) * 0.5)
-    return [{"params": ps[0:2]}, {"params": ps[2:4], "lr": lr2, "weight_decay": wd * 3},
-            {"params": ps[4:], "weight_decay": 0.0}]
-
-
-CONFIGS = [  # (momentum, dampening, nesterov, wd, maximize, lr kind, groups, foreach, dtype)
-    (0.9, 0.0, True, 1e-2, False, "tensor", 3, True, torch.float32),
-    (0.9, 0.3, False, 0.0, True, "float", 1, False, torch.float32),
-    (0.0, 0.0, False, 1e-2, False, "float", 1, True, torch.float32),
-    (0.9, 0.0, True, 0.0, False, "float", 1, True, torch.float32),
-    (0.9, 0.0, False, 1e-2, True, "tensor", 3, False, torch.float64),
-]
-
-
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "-".join(map(str, c)).replace("torch.", ""))
 def test_native_sgd_bitwise_and_exact(cfg):
     """30 steps (fc3.bias without gradient every 7th step): params, momentum and grads are
     torch.optim.SGD's bit for bit, the native step ran every step after the first, and every
     deviation equals a float64 re-evaluation (SPEC §6)."""
-    mom, damp, nest, wd, maximize, lr_kind, n_groups, foreach, dtype = cfg
-    torch.manual_seed(_seed_of(cfg))
-    ref = MLP(d_in=7, h1=13, h2=1, d_out=3).to(dtype)
-    mod = copy.deepcopy(ref)
-    lr = 0.05 if lr_kind == "float" else torch.tensor(0.05)
-
-    def make(cls, model, **extra):
-        lr_ = lr.clone() if torch.is_tensor(lr) else lr
-        return cls(_groups(model, n_groups, lr_, wd), lr=lr_, momentum=mom, dampening=damp, weight_decay=wd,
-                   nesterov=nest, maximize=maximize, foreach=foreach, **extra)
-
-    laws = mlp_laws(mod)
+    *hp, dtype = cfg
+    ref, mod, o_ref, o_mod = _pair(*hp, dtype, _seed_of(cfg), backend="native")
+    laws = o_mod.laws
     h0, s0 = laws.evaluate(mod), laws.scale(mod)
-    o_ref, o_mod = make(torch.optim.SGD, ref), make(consopt.SGD, mod, laws=laws)
-    o_mod.tracking_backend = "native"
     g = torch.Generator().manual_seed(_seed_of(cfg, "grads"))
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="consopt", category=RuntimeWarning)  # no silent fallback
         for step in range(30):
-            for p_ref, p_mod in zip(ref.parameters(), mod.parameters()):
-                p_ref.grad = torch.randn(p_ref.shape, generator=g).to(dtype)
-                p_mod.grad = p_ref.grad.clone()
-            if step % 7 == 3:  # a law parameter without gradient: torch skips it, its statistics are read
-                ref.fc3.bias.grad = mod.fc3.bias.grad = None
+            _grads(ref, mod, g, dtype, drop_bias=step % 7 == 3)  # then a law parameter without gradient
             o_ref.step()
             o_mod.step()
-    for (name, a), b in zip(ref.named_parameters(), mod.parameters()):
-        assert _same(a, b), name
-        if a.grad is not None:
-            assert _same(a.grad, b.grad), name
-        ba, bb = o_ref.state[a].get("momentum_buffer"), o_mod.state[b].get("momentum_buffer")
-        assert (ba is None) == (bb is None) and (ba is None or _same(ba, bb)), name
+    _assert_same(ref, mod, o_ref, o_mod)
     assert o_mod._native is not None and o_mod._native.disabled is None
     assert o_mod.tracking_backend == "native" and o_mod.tracked_steps == 30
     h, s1 = laws.evaluate(mod), laws.scale(mod)
     for k, d in o_mod.deviation().items():
         scale = torch.maximum(s0[k], s1[k]).clamp_min(1e-300)
         assert float(((d - (h[k] - h0[k])).abs() / scale).max()) <= 1e-12, k
+
+
+def _train_pair(model, ref, opt, o_ref, g, steps):
+    """`steps` steps of consopt (on `model`) and torch (on `ref`) with the gradients of a real loss."""
+    for _ in range(steps):
+        inputs, target = model.example_inputs(generator=g)
+        fill_grads(model, inputs, target)
+        for a, b in zip(ref.parameters(), model.parameters()):
+            a.grad = None if b.grad is None else b.grad.clone()
+        opt.step()
+        o_ref.step()
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn_bn", "attention", "llama"])
@@ -244,14 +209,7 @@ def test_native_deviation_exact_models(name, dtype):
     opt = consopt.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3, laws=laws)
     opt.tracking_backend = "native"
     o_ref = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
-    g = torch.Generator().manual_seed(_seed_of(name, "data"))
-    for _ in range(6):
-        inputs, target = model.example_inputs(generator=g)
-        fill_grads(model, inputs, target)
-        for a, b in zip(ref.parameters(), model.parameters()):
-            a.grad = None if b.grad is None else b.grad.clone()
-        opt.step()
-        o_ref.step()
+    _train_pair(model, ref, opt, o_ref, torch.Generator().manual_seed(_seed_of(name, "data")), 6)
     assert opt._native is not None and opt._native.disabled is None
     for (n, a), b in zip(ref.named_parameters(), model.parameters()):
         assert _same(a, b), n
@@ -375,14 +333,7 @@ def test_non_contiguous_takes_torch_path():
     opt = consopt.SGD(model.parameters(), lr=0.05, momentum=0.9, laws=laws)
     opt.tracking_backend = "native"
     o_ref = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
-    g = torch.Generator().manual_seed(4)
-    for _ in range(3):
-        inputs, target = model.example_inputs(generator=g)
-        fill_grads(model, inputs, target)
-        for a, b in zip(ref.parameters(), model.parameters()):
-            a.grad = None if b.grad is None else b.grad.clone()
-        opt.step()
-        o_ref.step()
+    _train_pair(model, ref, opt, o_ref, torch.Generator().manual_seed(4), 3)
     assert all(_same(a, b) for a, b in zip(ref.parameters(), model.parameters()))
     h, sc = laws.evaluate(model), laws.scale(model)
     for k, d in opt.deviation().items():
