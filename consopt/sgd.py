@@ -709,10 +709,10 @@ class SGD(torch.optim.SGD):
         """{family: h(θ_t) − h(θ_0)} as float64 tensors, same keys and shapes as ``laws.evaluate``.
 
         θ_t is the state after the last step. Before the first step (tracking not started) every
-        deviation is 0. Without laws: {}. On the PyTorch path h(θ_t) is evaluated at the first
-        read after a step (from the parameters as they are then) and kept until the next step,
-        so steps that nobody reads cost torch's update only; the fused path forms h(θ_t) during
-        the update itself.
+        deviation is 0. Without laws: {}. The native CPU step and the fused CUDA step form
+        h(θ_t) during the update itself; with tracking_backend "eager" or "compile" it is
+        evaluated at the first read after a step (from the parameters as they are then) and
+        kept until the next step, so steps that nobody reads cost torch's update only.
         """
         if self._tracker is None:
             return {}
