@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from .laws import Family, LawSet, Term
+from .native import stage_elements
 
 __all__ = ["LawEvaluator", "param_axis_stats", "first_nonfinite_grad", "deviation_stats", "BACKENDS"]
 
@@ -152,6 +153,12 @@ def _axis_from_cols(c: Tensor, rest_shape, a: int) -> Tensor:
     dims = [d for d in range(len(rest_shape)) if d != a - 1]
     return c.sum(dims) if dims else c
 
+
+# The native kernel forms a family's Gram matrices in its pass only for groups of at most
+# _GRAM_UNITS units whose float64 scratch block fits in _GRAM_STAGE elements (8 MiB per thread);
+# larger groups (a GL law over a wide layer) are left to float64 bmm.
+_GRAM_UNITS = 256
+_GRAM_STAGE = 1 << 20
 
 # Row-block height of the compiled column sums: Σ over dim 0 of [n0, rest] as Σ_blocks Σ_rows-in-block,
 # so each inner reduction walks `_COL_BLOCK` consecutive rows (one contiguous stretch of memory)
@@ -266,7 +273,16 @@ class LawEvaluator:
         state["_native"] = None
         state["_scratch"] = {}
         state["_mat_scratch"] = {}
+        for k in ("_gram_specs", "_gram_plans", "_mat_rest_plans"):
+            state.pop(k, None)  # views of one arena: pickle would split them; rebuilt below
         return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        names = {n for plan in self._mat_plans for n in plan["fams"]}
+        matrix = [f for f in self.laws.families if f.name in names]  # as _build ordered them
+        self._gram_specs, self._gram_plans, rest = self._build_grams(matrix)
+        self._mat_rest_plans = self._build_matrix(rest)
 
     @property
     def backend(self) -> str:
@@ -429,7 +445,8 @@ class LawEvaluator:
             groups, ok = [], self._family_device(f, tensors).type == "cpu"
             for t, p, idx in terms:
                 units = idx.shape[0]
-                if not (ok and p.ndim in (1, 2) and t.axis < p.ndim and idx.shape[1] == 1 and units > 0
+                if not (ok and p.ndim in (1, 2) and t.axis < p.ndim and idx.shape[1] == 1 and 0 < units <= _GRAM_UNITS
+                        and stage_elements(p.shape, t.axis, units) <= _GRAM_STAGE
                         and p.shape[t.axis] % units == 0 and int(idx[0, 0]) % units == 0
                         and sizes.get((t.param, t.axis), units) == units
                         and torch.equal(idx.reshape(-1), torch.arange(int(idx[0, 0]), int(idx[0, 0]) + units))):

@@ -53,6 +53,25 @@ _FLAT_ITEM = 32768  # elements per work item of a tensor without
 _MAX_LAYOUTS = 16  # checked layouts kept per optimizer (oldest dropped; it is checked again if it returns)
 
 
+def rows_per_block(shape, row_group: int = 0) -> int:
+    """Rows per work item of a tensor with statistics (whole groups of `row_group` rows)."""
+    c = 1
+    for x in tuple(shape)[1:]:
+        c *= x
+    br = max(32, _STATS_ITEM // max(c, 1))
+    return -(-br // row_group) * row_group if row_group else br
+
+
+def stage_elements(shape, axis: int, units: int) -> int:
+    """Float64 scratch one thread needs to form Grams of `units` rows (axis 0) or columns (axis 1)."""
+    shape = tuple(shape)
+    r = shape[0] if shape else 1
+    c = 1
+    for x in shape[1:]:
+        c *= x
+    return min(rows_per_block(shape, units if axis == 0 else 0), r) * c
+
+
 class NativeUnavailable(RuntimeError):
     """The native library cannot be built or loaded here (the reason is the message)."""
 
@@ -115,7 +134,10 @@ def _build(cxx: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        r = subprocess.run([cxx, *CXXFLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=600)
+        try:
+            r = subprocess.run([cxx, *CXXFLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=600)
+        except subprocess.SubprocessError as e:  # a compiler that hangs
+            raise NativeUnavailable(f"compiling {SOURCE.name} with {cxx} failed: {e}") from e
         if r.returncode != 0:
             raise NativeUnavailable(f"compiling {SOURCE.name} with {cxx} failed: {r.stderr.strip()[-500:]}")
         os.replace(tmp, out)  # atomic: concurrent builders leave one complete file
@@ -204,11 +226,9 @@ class Layout:
                 C = 1
                 for s in shape[1:]:
                     C *= s
-                br = max(32, _STATS_ITEM // max(C, 1))
-                if ru:
-                    if R % ru:
-                        raise ValueError(f"row Gram groups of {ru} do not tile {R} rows")
-                    br = -(-br // ru) * ru  # whole groups per block
+                if ru and R % ru:
+                    raise ValueError(f"row Gram groups of {ru} do not tile {R} rows")
+                br = rows_per_block(shape, ru)  # whole groups of rows per block
                 if cu and C % cu:
                     raise ValueError(f"column Gram groups of {cu} do not tile {C} columns")
             else:
@@ -323,6 +343,12 @@ def _contiguous(ts) -> bool:
     return all(t.is_contiguous() for t in ts)
 
 
+def _overlapping(ts) -> bool:
+    """Whether two of the (contiguous) tensors share memory: views of one buffer that overlap."""
+    spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in ts if t.numel())
+    return any(b0 < a1 for (_, a1), (b0, _) in zip(spans, spans[1:]))
+
+
 class NativeStats:
     """The statistics of a fixed set of law tensors. `needs` = {name: (its `_StatsSpec` or None,
     U of its row Grams, U of its column Grams)} (`LawEvaluator.native_needs`); `stats` turns the
@@ -342,6 +368,8 @@ class NativeStats:
         key = tuple((id(where[n][0]), where[n][1]) for n in self.needs)
         cached = self._views.get(key)
         if cached is None:
+            if len(self._views) >= 4 * _MAX_LAYOUTS:
+                self.forget()
             views, derived = {}, []
             for name, (spec, ru, cu) in self.needs.items():
                 layout, i = where[name]
@@ -367,6 +395,10 @@ class NativeStats:
         for k, c, rest in derived:
             out[k] = _axis_from_cols(c, rest, k[2])
         return out
+
+    def forget(self) -> None:
+        """Drop the cached views (they keep their layouts alive)."""
+        self._views.clear()
 
     def layout(self, cache: dict, key, shapes: list, names: list) -> Layout:
         """The cached layout for tensors of `shapes` (`names[i]`: the law parameter tensor i
@@ -416,6 +448,14 @@ class NativeStep:
     def needs(self) -> dict:
         return self._stats.needs
 
+    @staticmethod
+    def accepts(seg) -> bool:
+        """Whether the kernel can take this segment: one float32/float64 dtype, contiguous params,
+        grads and buffers."""
+        dt = seg.params[0].dtype
+        return (dt in DTYPES and all(p.dtype == dt for p in seg.params) and _contiguous(seg.params)
+                and _contiguous(seg.grads) and _contiguous(seg.bufs))
+
     def _disable(self, why: str) -> None:
         import warnings
 
@@ -423,42 +463,54 @@ class NativeStep:
         warnings.warn(f"consopt: the native CPU step is off ({why}); using torch's update", RuntimeWarning,
                       stacklevel=4)
 
-    def __call__(self, segments: list, law_tensors: dict) -> dict | None:
-        """Apply every segment's update and return the law statistics, or change nothing and
-        return None (take torch's path)."""
+    def update(self, segments: list) -> tuple:
+        """Apply the update of the segments it takes; returns (where, taken): `where` maps each
+        law parameter it updated to (layout, index), or is None if it changed nothing (off, or
+        its first call was undone); taken[i] says whether segments[i] was updated (the others,
+        e.g. of parameters that overlap in memory, are left to torch's update)."""
+        taken = [False] * len(segments)
         if self.disabled is not None:
-            return None
+            return None, taken
         try:
             load()
         except NativeUnavailable as e:
             self._disable(str(e))
-            return None
-        segments = [s for s in segments if s.params]
-        for s in segments:
-            dt = s.params[0].dtype
-            if dt not in DTYPES or any(p.dtype != dt for p in s.params):
-                return None
-            if not (_contiguous(s.params) and _contiguous(s.grads) and _contiguous(s.bufs)):
-                return None
+            return None, taken
         work, where = [], {}
-        for s in segments:
+        for j, s in enumerate(segments):
+            if not s.params or not self.accepts(s):
+                continue
             names = [self._law_ids.get(id(p)) for p in s.params]
-            key = (tuple(map(id, s.params)), tuple(p.shape for p in s.params), tuple(names))
+            key = (tuple(map(id, s.params)), tuple(p.shape for p in s.params), tuple(names), s.params[0].dtype,
+                   kernel_flags(s))
             first = key not in self._layouts
+            if first and _overlapping(s.params + s.grads + s.bufs):
+                continue  # views sharing memory: torch's list-by-list update
             layout = self._stats.layout(self._layouts, key, key[1], names)
             work.append((s, layout, first, key))
+            taken[j] = True
             for i, n in enumerate(names):
                 if n is not None:
                     where[n] = (layout, i)
+        if not work:
+            return where, taken
         if any(first for *_, first, _ in work):
+            if _overlapping([t for s, *_ in work for lst in (s.params, s.grads, s.bufs) for t in lst]):
+                return None, [False] * len(segments)  # memory shared across groups
             if not self._first_call(work):
-                return None
+                return None, [False] * len(segments)
         else:
             for s, layout, _, _ in work:
                 layout.run(s.params[0].dtype, kernel_flags(s), s.params, s.grads, s.bufs, -s.lr, s.momentum,
                            1 - s.dampening, s.weight_decay)
+        return where, taken
+
+    def collect(self, law_tensors: dict, where: dict) -> dict:
+        """The law statistics after `update` (and torch's update of the segments it did not take):
+        the kernel's, and a statistics-only pass over the law parameters it did not update. {}
+        if one of those cannot be read natively (the caller evaluates the laws itself)."""
         if not self._stats.collect_rest(law_tensors, where):
-            return {}  # updated; the caller evaluates the laws itself
+            return {}
         return self._stats.stats(law_tensors, where)
 
     def _first_call(self, work: list) -> bool:
@@ -483,8 +535,10 @@ class NativeStep:
                             x.copy_(y)
             self._disable("its result differs from torch's in the last bit on this machine")
             return False
+        limit = max(_MAX_LAYOUTS, 4 * len(work))  # (one layout per param group and step signature)
         for s, layout, _, key in work:
-            if len(self._layouts) >= _MAX_LAYOUTS:  # e.g. the set of params with grads keeps changing
+            if len(self._layouts) >= limit:  # e.g. the set of params with grads keeps changing
                 self._layouts.pop(next(iter(self._layouts)))
+                self._stats.forget()
             self._layouts[key] = layout
         return True

@@ -508,9 +508,10 @@ class SGD(torch.optim.SGD):
                     self.state[p]["momentum_buffer"] = view
                     self._published[id(p)] = view
 
-    def _torch_step(self) -> None:
-        """torch.optim.SGD's update, verbatim: the functional `torch.optim.sgd.sgd` per group."""
-        for group in self.param_groups:
+    def _torch_step(self, groups: list | None = None) -> None:
+        """torch.optim.SGD's update, verbatim: the functional `torch.optim.sgd.sgd` per group
+        (of every group, or of `groups`)."""
+        for group in self.param_groups if groups is None else groups:
             params: list[Tensor] = []
             grads: list[Tensor] = []
             momentum_buffer_list: list[Tensor | None] = []
@@ -543,6 +544,7 @@ class SGD(torch.optim.SGD):
         one pass (`consopt.native`, bitwise torch's update, checked at its first call); returns
         {family: h(θ_t)} (None: evaluated when read), or _FALLBACK where it does not apply (as
         for `_compiled_cpu_step`, and non-contiguous tensors): then the other paths run."""
+        from .compiled_update import CompiledUpdate
         from .native import NativeStep
 
         tracker = self._tracker
@@ -550,15 +552,24 @@ class SGD(torch.optim.SGD):
             return _FALLBACK
         if self._native is not None and self._native.disabled is not None:
             return _FALLBACK
-        segments = self._cpu_segments()
-        if segments is None:
+        per_group = self._cpu_segments(per_group=True)
+        if per_group is None:
+            return _FALLBACK
+        native = [s is not None and bool(s.params) and NativeStep.accepts(s) for s in per_group]
+        if not any(native) or not CompiledUpdate.distinct([s for s, n in zip(per_group, native) if n]):
             return _FALLBACK
         ev = tracker.evaluator
         if self._native is None:
             self._native = NativeStep(ev.native_needs(), ev.tensors)
-        stats = self._native(segments, ev.tensors)
-        if stats is None:
-            return _FALLBACK
+        groups = [g for g, n in zip(self.param_groups, native) if n]
+        where, taken = self._native.update([s for s, n in zip(per_group, native) if n])
+        # the groups it did not take (float16, a first momentum step, non-contiguous, overlapping
+        # views, or all of them if it changed nothing): torch's update, before any statistics
+        self._torch_step([g for g, n in zip(self.param_groups, native) if not n]
+                         + [g for g, t in zip(groups, taken) if not t])
+        if where is None:
+            return None  # evaluated when read
+        stats = self._native.collect(ev.tensors, where)
         if not stats and self._native.needs:
             return None  # updated; a law tensor it cannot read: evaluated when read
         values = ev.values_from_stats(stats)
@@ -577,12 +588,13 @@ class SGD(torch.optim.SGD):
                     return ref
         return values
 
-    def _cpu_segments(self) -> list | None:
+    def _cpu_segments(self, per_group: bool = False) -> list | None:
         """Every param group's update as a `consopt.compiled_update.Segment` (torch's selection
         of params with gradients), or None where only torch's own update applies (the step is
         being traced, GradScaler, fused/differentiable groups, tensor hyperparameters that need
         grad, sparse gradients, the first step with momentum, dtypes other than float32/float64,
-        tensors shared between params, grads and buffers)."""
+        tensors shared between params, grads and buffers). per_group: a list with None for each
+        group that only torch's update can take (None overall only for the step-wide reasons)."""
         from .compiled_update import CompiledUpdate, Segment
 
         if torch.compiler.is_compiling():  # the step itself is being traced: torch's update
@@ -591,27 +603,32 @@ class SGD(torch.optim.SGD):
             return None
         segments = []
         for group in self.param_groups:
-            if group["differentiable"] or group["fused"]:
-                return None
-            lr = group["lr"]
-            if isinstance(lr, Tensor):
-                if lr.requires_grad or lr.numel() != 1:
-                    return None
-                lr = lr.item()
-            hyper = [group[k] for k in ("momentum", "dampening", "weight_decay")]
-            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in [lr] + hyper):
-                return None
-            params, grads, bufs = [], [], []
-            if self._init_group(group, params, grads, bufs):  # torch's selection, as _torch_step's
-                return None  # a sparse gradient
-            seg = Segment(params, grads, bufs, float(lr), *map(float, hyper), nesterov=bool(group["nesterov"]),
-                          maximize=bool(group["maximize"]), foreach=bool(group["foreach"]))
-            if not CompiledUpdate.applicable(seg):
+            seg = self._group_segment(group, Segment)
+            if seg is not None and not CompiledUpdate.applicable(seg):
+                seg = None
+            if seg is None and not per_group:
                 return None
             segments.append(seg)
-        if not CompiledUpdate.distinct(segments):
+        if not per_group and not CompiledUpdate.distinct(segments):
             return None
         return segments
+
+    def _group_segment(self, group, Segment):
+        if group["differentiable"] or group["fused"]:
+            return None
+        lr = group["lr"]
+        if isinstance(lr, Tensor):
+            if lr.requires_grad or lr.numel() != 1:
+                return None
+            lr = lr.item()
+        hyper = [group[k] for k in ("momentum", "dampening", "weight_decay")]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in [lr] + hyper):
+            return None
+        params, grads, bufs = [], [], []
+        if self._init_group(group, params, grads, bufs):  # torch's selection, as _torch_step's
+            return None  # a sparse gradient
+        return Segment(params, grads, bufs, float(lr), *map(float, hyper), nesterov=bool(group["nesterov"]),
+                       maximize=bool(group["maximize"]), foreach=bool(group["foreach"]))
 
     def _compiled_cpu_step(self) -> bool:
         """With tracking_backend="compile" on the CPU: torch's update as one compiled graph

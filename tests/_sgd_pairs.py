@@ -18,7 +18,7 @@ def _seed_of(*parts) -> int:
 
 
 def _bits(a: torch.Tensor) -> torch.Tensor:
-    return a.detach().contiguous().view(torch.int32 if a.element_size() == 4 else torch.int64)
+    return a.detach().contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()])
 
 
 def _groups(model, n_groups, lr, wd):

@@ -364,3 +364,98 @@ def test_native_is_the_cpu_default():
     h, sc = laws.evaluate(model), laws.scale(model)
     for k, d in dev.items():
         assert float(((d - (h[k] - h0[k])).abs() / sc[k].clamp_min(1e-300)).max()) <= 1e-12, k
+
+
+def test_native_pickle_round_trip():
+    """A pickled optimizer (and its model) keeps native tracking exact: the Gram arena the kernel
+    writes and the views the families read are rebuilt together."""
+    import pickle
+
+    model, laws = build("attention", dtype=torch.float64, seed=_seed_of("pickle"))
+    opt = consopt.SGD(model.parameters(), lr=0.05, momentum=0.9, laws=laws)
+    g = torch.Generator().manual_seed(_seed_of("pickle-data"))
+    m2, o2 = pickle.loads(pickle.dumps((model, opt)))
+    h0 = o2.laws.evaluate(m2)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="consopt", category=RuntimeWarning)
+        for _ in range(3):
+            fill_grads(m2, *m2.example_inputs(generator=g))
+            o2.step()
+    assert o2.tracking_backend == "native" and o2._native.disabled is None
+    h, sc = o2.laws.evaluate(m2), o2.laws.scale(m2)
+    for k, d in o2.deviation().items():
+        assert float(((d - (h[k] - h0[k])).abs() / sc[k].clamp_min(1e-300)).max()) <= 1e-12, k
+
+
+def _counting_first_calls(monkeypatch):
+    calls = []
+    real = N.NativeStep._first_call
+    monkeypatch.setattr(N.NativeStep, "_first_call", lambda self, work: (calls.append(len(work)), real(self, work))[1])
+    return calls
+
+
+def test_groups_it_cannot_take_use_torch_alone(monkeypatch):
+    """A bfloat16 group and a group of overlapping views take torch's update; the other groups keep
+    the native step. Everything is torch.optim.SGD's bit for bit and the deviations are exact."""
+    torch.manual_seed(_seed_of("mixed"))
+    model = MLP()
+    laws = mlp_laws(model)
+    base = torch.randn(10)
+    ref_model = copy.deepcopy(model)
+    extra = torch.nn.Parameter(torch.randn(5, dtype=torch.bfloat16))
+    ref_extra = torch.nn.Parameter(extra.detach().clone())
+    views = [torch.nn.Parameter(base[0:6]), torch.nn.Parameter(base[4:10])]  # overlapping
+    ref_base = base.clone()
+    ref_views = [torch.nn.Parameter(ref_base[0:6]), torch.nn.Parameter(ref_base[4:10])]
+    calls = _counting_first_calls(monkeypatch)
+    groups = lambda m, e, v: [{"params": list(m.parameters())}, {"params": [e]}, {"params": v, "lr": 0.01}]  # noqa
+    opt = consopt.SGD(groups(model, extra, views), lr=0.1, momentum=0.9, laws=laws)
+    o_ref = torch.optim.SGD(groups(ref_model, ref_extra, ref_views), lr=0.1, momentum=0.9)
+    h0 = laws.evaluate(model)
+    g = torch.Generator().manual_seed(_seed_of("mixed-data"))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="consopt", category=RuntimeWarning)
+        for _ in range(4):
+            for ps in ((model.parameters(), ref_model.parameters()), ([extra], [ref_extra]), (views, ref_views)):
+                for a, b in zip(*ps):
+                    a.grad = torch.randn(a.shape, generator=g).to(a.dtype)
+                    b.grad = a.grad.clone()
+            opt.step()
+            o_ref.step()
+    for a, b in zip(list(model.parameters()) + [extra], list(ref_model.parameters()) + [ref_extra]):
+        assert _same(a, b)
+    for a, b in zip(views, ref_views):  # torch updates overlapping views one after the other
+        assert _same(a, b)
+    assert opt._native is not None and opt._native.disabled is None and calls == [1]
+    h, sc = laws.evaluate(model), laws.scale(model)
+    for k, d in opt.deviation().items():
+        assert float(((d - (h[k] - h0[k])).abs() / sc[k].clamp_min(1e-300)).max()) <= 1e-12, k
+
+
+def test_many_groups_and_flag_changes_check_once_each(monkeypatch):
+    """20 param groups: each layout's first call is checked once, not at every step; changing
+    weight decay (another kernel) checks again; all bitwise torch's."""
+    torch.manual_seed(_seed_of("groups"))
+    layers = [torch.nn.Linear(6, 6) for _ in range(20)]
+    ref_layers = copy.deepcopy(layers)
+    fams = [Family(f"r{i}", "rescale", "diag", 2, [Term(f"{i}.weight", 0, rows(6), +1),
+                                                  Term(f"{i}.bias", 0, rows(6), +1),
+                                                  Term(f"{i + 1}.weight", 1, rows(6), -1)]) for i in range(19)]
+    net = torch.nn.Sequential(*layers)
+    laws = lawset(net, fams)
+    calls = _counting_first_calls(monkeypatch)
+    opt = consopt.SGD([{"params": l.parameters()} for l in layers], lr=0.1, momentum=0.9, laws=laws)
+    o_ref = torch.optim.SGD([{"params": l.parameters()} for l in ref_layers], lr=0.1, momentum=0.9)
+    g = torch.Generator().manual_seed(_seed_of("groups-data"))
+    for step in range(8):
+        if step == 5:
+            for o in (opt, o_ref):
+                o.param_groups[3]["weight_decay"] = 0.01
+        for a, b in zip(net.parameters(), (p for l in ref_layers for p in l.parameters())):
+            a.grad = torch.randn(a.shape, generator=g)
+            b.grad = a.grad.clone()
+        opt.step()
+        o_ref.step()
+    assert all(_same(a, b) for a, b in zip(net.parameters(), (p for l in ref_layers for p in l.parameters())))
+    assert calls == [20, 20]  # step 2 (the first with momentum buffers) and step 6 (new weight decay)
+    assert len(opt._native._stats._views) <= 2

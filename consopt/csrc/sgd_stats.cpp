@@ -17,7 +17,7 @@
 #include <omp.h>
 #include <cstdint>
 #include <cstring>
-#include <vector>
+#include <memory>
 
 namespace {
 
@@ -216,7 +216,7 @@ void run(const Args& a, double neg_lr_d, double mu_d, double damp1_d, double lam
   const T neg_lr = (T)neg_lr_d, mu = (T)mu_d, damp1 = (T)damp1_d, lam = (T)lam_d;
 #pragma omp parallel num_threads(nthreads)
   {
-    std::vector<double> stage_buf(a.stage_max > 0 ? a.stage_max : 0);
+    std::unique_ptr<double[]> stage_buf;  // allocated by the threads that form Grams, uninitialised
     // each thread takes a contiguous run of items holding an equal share of their estimated cost
     // (items differ: 32 rows of a wide conv weight, a bias, a block with Gram matrices)
     const int64_t nth = omp_get_num_threads(), tid = omp_get_thread_num(), total = a.it_cost[a.nitems];
@@ -236,7 +236,8 @@ void run(const Args& a, double neg_lr_d, double mu_d, double damp1_d, double lam
       } else {
         double* part = a.partial + a.part_off[t] + a.it_b[i] * 2 * C;
         const int64_t r0 = a.it_r0[i], r1 = a.it_r1[i], ru = a.RGU[t], cu = a.CGU[t];
-        double* stage = (ru || cu) ? stage_buf.data() : nullptr;
+        if ((ru || cu) && !stage_buf) stage_buf.reset(new double[a.stage_max]);
+        double* stage = (ru || cu) ? stage_buf.get() : nullptr;
         double *rs = a.RS[t], *rq = a.RQ[t];
 #define CONSOPT_STATS(SU, ST)                                                                                 \
   stats_item<T, MAXI, WD, MOM, NEST, WG, UPDATE, SU, ST>(p, g, m, r0, r1, C, neg_lr, mu, damp1, lam, rs, rq, part, \
