@@ -11,12 +11,16 @@ torch's CPU kernels is a fused multiply-add; ``buf * momentum`` rounds on its ow
 
 and, for every law parameter viewed as [R, C] (R = shape[0]), adds x = float64(p_new) into the
 per-row sums Σx, Σx² and into per-block column sums, which a second phase adds up in block order
-(no atomics: the result does not depend on the thread count). `LawEvaluator.values_from_stats`
-then forms every family from these statistics (and the Gram matrices from the stored
-parameters), so h(θ_t) costs no second pass over the parameters.
+(no atomics: the result does not depend on the thread count), and forms the Gram matrices of the
+aligned unit groups that matrix families read (an attention head's rows, an out_proj's columns)
+from the block it just wrote, into the evaluator's arena. `LawEvaluator.values_from_stats` then
+forms every family from these, so h(θ_t) costs no second pass over the parameters.
+
+Param groups it cannot take (float16/bfloat16, non-contiguous tensors, views that overlap, the
+first step with momentum) take torch's update instead, before the statistics are read.
 
 The library is compiled on first use with the system's C++ compiler (``$CXX`` or c++/g++/clang++,
-OpenMP, ``-march=native``; about 5 s, cached under ``$CONSOPT_CACHE_DIR`` or
+OpenMP, ``-march=native``; 5–9 s, cached under ``$CONSOPT_CACHE_DIR`` or
 ``~/.cache/consopt``). The first call for every layout also runs torch's own update on copies and
 compares the bits: a mismatch (another compiler or CPU) restores torch's result, and the optimizer
 uses torch's update from then on, with a warning.
@@ -174,12 +178,6 @@ def load() -> ctypes.CDLL:
         return lib
 
 
-def _reset_for_tests() -> None:
-    global _lib, _error
-    with _lock:
-        _lib, _error = None, None
-
-
 def _i64(values) -> Tensor:
     return torch.tensor(list(values), dtype=torch.int64)
 
@@ -324,12 +322,6 @@ class Layout:
             if flags & WRITES_GRAD:
                 written += list(grads)
             torch.autograd.graph.increment_version(written)
-
-
-def _bits_equal(a: Tensor, b: Tensor) -> bool:
-    a, b = a.contiguous(), b.contiguous()
-    return torch.equal(a.view(torch.int32 if a.element_size() == 4 else torch.int64),
-                       b.view(torch.int32 if b.element_size() == 4 else torch.int64))
 
 
 def kernel_flags(seg) -> int:
@@ -515,6 +507,8 @@ class NativeStep:
 
     def _first_call(self, work: list) -> bool:
         from torch.optim.sgd import sgd as torch_sgd
+
+        from .compiled_update import _bits_equal
 
         before = [[[t.detach().clone() for t in lst] for lst in (s.params, s.grads, s.bufs)] for s, *_ in work]
         for s, layout, _, _ in work:
