@@ -555,7 +555,7 @@ class SGD(torch.optim.SGD):
         per_group = self._cpu_segments(per_group=True)
         if per_group is None:
             return _FALLBACK
-        native = [s is not None and bool(s.params) and NativeStep.accepts(s) for s in per_group]
+        native = [s is not None and bool(s.params) for s in per_group]
         if not any(native) or not CompiledUpdate.distinct([s for s, n in zip(per_group, native) if n]):
             return _FALLBACK
         ev = tracker.evaluator
