@@ -426,7 +426,8 @@ class LawEvaluator:
                 segments.append(fills)
                 k0 += w
             plans.append({"device": dev, "units": units, "fams": fams, "width": k0,
-                          "split": sum(w for w, sg in recipe if sg > 0), "segments": segments})
+                          "split": sum(w for w, sg in recipe if sg > 0), "segments": segments,
+                          "signs": [sg for _, sg in recipe]})
         return plans
 
     def _build_grams(self, families):
@@ -511,13 +512,21 @@ class LawEvaluator:
     def _matrix_values(self, tensors, graph: bool, plans=None) -> dict:
         """Per batch h = X₊X₊ᵀ − X₋X₋ᵀ (X₊: the producer terms side by side, X₋: the
         consumers): each family's Σ_t s_t M_t M_tᵀ in two float64 bmm, every product formed
-        exactly from the stored values."""
+        exactly from the stored values (in a compiled graph: one bmm per term, summed)."""
         vals = {}
         for i, plan in enumerate(self._mat_plans if plans is None else plans):
             n_f, units = len(plan["fams"]), plan["units"]
-            if graph:  # functional, for torch.compile
-                cols = [torch.cat([self._fill_source(tensors, f).to(_F64) for f in seg], 0) for seg in plan["segments"]]
-                x = torch.cat(cols, 2)
+            if graph:  # for torch.compile: a bmm per term (inductor copes badly with building X)
+                h = None
+                for seg, sign in zip(plan["segments"], plan["signs"]):
+                    gs = []
+                    for f in seg:
+                        x = self._fill_source(tensors, f).to(_F64)
+                        gs.append(torch.bmm(x, x.transpose(1, 2)))
+                    g = gs[0] if len(gs) == 1 else torch.cat(gs, 0)
+                    h = (g if sign > 0 else -g) if h is None else (h + g if sign > 0 else h - g)
+                vals.update(zip(plan["fams"], h.unbind(0)))
+                continue
             else:  # into a scratch buffer (a fresh multi-MB buffer would page-fault on every call)
                 x = self._mat_scratch.get((plans is None, i))
                 if x is None:
