@@ -21,7 +21,7 @@ first step with momentum) take torch's update instead, before the statistics are
 
 The library is compiled on first use with the system's C++ compiler (``$CXX`` or c++/g++/clang++,
 OpenMP, ``-march=native``; 5–9 s, cached under ``$CONSOPT_CACHE_DIR`` or
-``~/.cache/consopt``). The first call for every layout also runs torch's own update on copies and
+``~/.cache/consopt``, or the temporary directory where that cannot be written). The first call for every layout also runs torch's own update on copies and
 compares the bits: a mismatch (another compiler or CPU) restores torch's result, and the optimizer
 uses torch's update from then on, with a warning.
 """
@@ -131,11 +131,19 @@ def _build(cxx: str) -> Path:
         raise NativeUnavailable(f"C++ compiler {cxx!r} does not run: {e}") from e
     key = hashlib.sha256(b"\0".join([src, " ".join(CXXFLAGS).encode(), cxx.encode(), version.encode(),
                                      platform.machine().encode(), _cpu_id().encode()])).hexdigest()[:20]
-    out = cache_dir() / f"sgd_stats-{key}.so"
-    if out.exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    name = f"sgd_stats-{key}.so"
+    for d in (cache_dir(), Path(tempfile.gettempdir()) / f"consopt-{os.getuid() if hasattr(os, 'getuid') else 0}"):
+        out = d / name
+        if out.exists():
+            return out
+        try:  # a cache directory we cannot write: the next candidate
+            out.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+            break
+        except OSError:
+            continue
+    else:
+        raise NativeUnavailable(f"no writable directory for the native library (tried {cache_dir()})")
     os.close(fd)
     try:
         try:

@@ -459,3 +459,15 @@ def test_many_groups_and_flag_changes_check_once_each(monkeypatch):
     assert all(_same(a, b) for a, b in zip(net.parameters(), (p for l in ref_layers for p in l.parameters())))
     assert calls == [20, 20]  # step 2 (the first with momentum buffers) and step 6 (new weight decay)
     assert len(opt._native._stats._views) <= 2
+
+
+def test_build_into_another_cache_when_unwritable(monkeypatch, tmp_path):
+    """A cache directory that cannot be created (here: below a plain file): the library is built
+    under the temporary directory instead."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("CONSOPT_CACHE_DIR", str(blocker / "sub"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(N.tempfile, "tempdir", str(tmp_path / "tmp"))
+    path = N._build(N._compiler())
+    assert path.parent.parent == tmp_path / "tmp" and path.exists()
