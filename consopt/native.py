@@ -17,13 +17,16 @@ from the block it just wrote, into the evaluator's arena. `LawEvaluator.values_f
 forms every family from these, so h(θ_t) costs no second pass over the parameters.
 
 Param groups it cannot take (float16/bfloat16, non-contiguous tensors, views that overlap, the
-first step with momentum) take torch's update instead, before the statistics are read.
+first step with momentum, fused or differentiable groups, a tensor lr that needs grad, sparse
+gradients) take torch's update instead, before the statistics are read; a step whose torch-only
+groups share memory with the others takes torch's update for every group, in torch's order.
 
 The library is compiled on first use with the system's C++ compiler (``$CXX`` or c++/g++/clang++,
-OpenMP, ``-march=native``; 5–9 s, cached under ``$CONSOPT_CACHE_DIR`` or
-``~/.cache/consopt``, or the temporary directory where that cannot be written). The first call for every layout also runs torch's own update on copies and
-compares the bits: a mismatch (another compiler or CPU) restores torch's result, and the optimizer
-uses torch's update from then on, with a warning.
+OpenMP, ``-march=native``; 5–9 s), cached under ``$CONSOPT_CACHE_DIR``, else
+``$XDG_CACHE_HOME/consopt`` or ``~/.cache/consopt``, else a private (0700) directory in the
+temporary directory. The first call for every layout also runs torch's own update on copies and
+compares the bits: a mismatch (another compiler or CPU) puts back the state before the step, torch's
+update is applied instead, and the optimizer uses torch's update from then on, with a warning.
 """
 
 from __future__ import annotations
@@ -110,6 +113,10 @@ def cache_dir() -> Path:
     return Path(base) / "consopt"
 
 
+def _uid() -> int:
+    return os.getuid() if hasattr(os, "getuid") else 0
+
+
 def _cpu_id() -> str:
     """What -march=native compiles for: the CPU's feature flags where the OS lists them (a cache
     directory shared between machines must not hand one CPU's build to another)."""
@@ -132,18 +139,25 @@ def _build(cxx: str) -> Path:
     key = hashlib.sha256(b"\0".join([src, " ".join(CXXFLAGS).encode(), cxx.encode(), version.encode(),
                                      platform.machine().encode(), _cpu_id().encode()])).hexdigest()[:20]
     name = f"sgd_stats-{key}.so"
-    for d in (cache_dir(), Path(tempfile.gettempdir()) / f"consopt-{os.getuid() if hasattr(os, 'getuid') else 0}"):
+    tried = []
+    for d, private in ((cache_dir(), False), (Path(tempfile.gettempdir()) / f"consopt-{_uid()}", True)):
+        tried.append(str(d))
         out = d / name
-        if out.exists():
-            return out
         try:  # a cache directory we cannot write: the next candidate
+            if private:  # a shared temporary directory: ours alone, or not at all
+                d.mkdir(mode=0o700, parents=True, exist_ok=True)
+                st = d.stat()
+                if (hasattr(os, "getuid") and st.st_uid != os.getuid()) or st.st_mode & 0o077:
+                    continue
+            if out.exists():
+                return out
             out.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
             break
         except OSError:
             continue
     else:
-        raise NativeUnavailable(f"no writable directory for the native library (tried {cache_dir()})")
+        raise NativeUnavailable(f"no writable private directory for the native library (tried {', '.join(tried)})")
     os.close(fd)
     try:
         try:
@@ -343,10 +357,25 @@ def _contiguous(ts) -> bool:
     return all(t.is_contiguous() for t in ts)
 
 
-def _overlapping(ts) -> bool:
-    """Whether two of the (contiguous) tensors share memory: views of one buffer that overlap."""
-    spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in ts if t.numel())
-    return any(b0 < a1 for (_, a1), (b0, _) in zip(spans, spans[1:]))
+def _span(t: Tensor) -> tuple:
+    """[first byte, last byte + 1) that a tensor's elements can touch (any strides)."""
+    last = sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()))
+    return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+
+def _overlapping(ts, others=None) -> bool:
+    """Whether two of the tensors share memory (views of one buffer that overlap); with `others`,
+    whether one of `ts` overlaps one of `others`."""
+    if others is None:
+        spans = sorted(_span(t) for t in ts if t.numel())
+        return any(b0 < a1 for (_, a1), (b0, _) in zip(spans, spans[1:]))
+    tagged = sorted([(*_span(t), 0) for t in ts if t.numel()] + [(*_span(t), 1) for t in others if t.numel()])
+    end = {0: -1, 1: -1}  # furthest end seen per side
+    for a0, a1, side in tagged:
+        if a0 < end[1 - side]:
+            return True
+        end[side] = max(end[side], a1)
+    return False
 
 
 class NativeStats:
@@ -426,6 +455,9 @@ class NativeStats:
         for dtype, names in by_dtype.items():
             ts = [tensors[n].detach() for n in names]
             key = (dtype, tuple(names), tuple(t.shape for t in ts))
+            if key not in self._stats_only and len(self._stats_only) >= _MAX_LAYOUTS:
+                self._stats_only.clear()  # e.g. the set of params without grads keeps changing
+                self.forget()
             layout = self._stats_only[key] = self.layout(self._stats_only, key, [t.shape for t in ts], names)
             layout.run(dtype, STATS_ONLY, ts, None, None)
             for i, n in enumerate(names):
@@ -463,11 +495,12 @@ class NativeStep:
         warnings.warn(f"consopt: the native CPU step is off ({why}); using torch's update", RuntimeWarning,
                       stacklevel=4)
 
-    def update(self, segments: list) -> tuple:
+    def update(self, segments: list, checked: bool = False) -> tuple:
         """Apply the update of the segments it takes; returns (where, taken): `where` maps each
         law parameter it updated to (layout, index), or is None if it changed nothing (off, or
         its first call was undone); taken[i] says whether segments[i] was updated (the others,
-        e.g. of parameters that overlap in memory, are left to torch's update)."""
+        e.g. of parameters that overlap in memory, are left to torch's update). checked: every
+        segment already passed `accepts`."""
         taken = [False] * len(segments)
         if self.disabled is not None:
             return None, taken
@@ -478,7 +511,7 @@ class NativeStep:
             return None, taken
         work, where = [], {}
         for j, s in enumerate(segments):
-            if not s.params or not self.accepts(s):
+            if not s.params or not (checked or self.accepts(s)):
                 continue
             names = [self._law_ids.get(id(p)) for p in s.params]
             key = (tuple(map(id, s.params)), tuple(p.shape for p in s.params), tuple(names), s.params[0].dtype,

@@ -541,9 +541,10 @@ class SGD(torch.optim.SGD):
 
     def _native_cpu_step(self):
         """With tracking_backend="native" on the CPU: torch's update and the law statistics in
-        one pass (`consopt.native`, bitwise torch's update, checked at its first call); returns
-        {family: h(θ_t)} (None: evaluated when read), or _FALLBACK where it does not apply (as
-        for `_compiled_cpu_step`, and non-contiguous tensors): then the other paths run."""
+        one pass (`consopt.native`, bitwise torch's update, checked at its first call), for every
+        param group it can take (the others get torch's update); returns {family: h(θ_t)}
+        (None: evaluated when read), or _FALLBACK, having changed nothing, where it takes no group
+        (or the step must stay in torch's order): then the other paths run."""
         from .compiled_update import CompiledUpdate
         from .native import NativeStep
 
@@ -555,14 +556,16 @@ class SGD(torch.optim.SGD):
         per_group = self._cpu_segments(per_group=True)
         if per_group is None:
             return _FALLBACK
-        native = [s is not None and bool(s.params) for s in per_group]
+        native = [s is not None and bool(s.params) and NativeStep.accepts(s) for s in per_group]
         if not any(native) or not CompiledUpdate.distinct([s for s, n in zip(per_group, native) if n]):
             return _FALLBACK
+        if not all(native) and self._shares_memory(per_group, native):
+            return _FALLBACK  # torch's update for every group, in its order
         ev = tracker.evaluator
         if self._native is None:
             self._native = NativeStep(ev.native_needs(), ev.tensors)
         groups = [g for g, n in zip(self.param_groups, native) if n]
-        where, taken = self._native.update([s for s, n in zip(per_group, native) if n])
+        where, taken = self._native.update([s for s, n in zip(per_group, native) if n], checked=True)
         # the groups it did not take (float16, a first momentum step, non-contiguous, overlapping
         # views, or all of them if it changed nothing): torch's update, before any statistics
         self._torch_step([g for g, n in zip(self.param_groups, native) if not n]
@@ -587,6 +590,24 @@ class SGD(torch.optim.SGD):
                     ev.backend = "eager"
                     return ref
         return values
+
+    def _shares_memory(self, per_group: list, native: list) -> bool:
+        """Whether a group left to torch's update shares memory (params, grads, buffers) with a
+        group the native step would take: then the order of the updates matters."""
+        from .native import _overlapping
+
+        mine = [t for s, n in zip(per_group, native) if n for lst in (s.params, s.grads, s.bufs) for t in lst]
+        theirs = []
+        for group, n in zip(self.param_groups, native):
+            if not n:
+                for p in group["params"]:
+                    theirs.append(p)
+                    if p.grad is not None and p.grad.layout == torch.strided:
+                        theirs.append(p.grad)
+                    buf = self.state.get(p, {}).get("momentum_buffer")
+                    if buf is not None:
+                        theirs.append(buf)
+        return _overlapping(mine, theirs)
 
     def _cpu_segments(self, per_group: bool = False) -> list | None:
         """Every param group's update as a `consopt.compiled_update.Segment` (torch's selection
@@ -692,15 +713,15 @@ class SGD(torch.optim.SGD):
     def tracking_backend(self) -> str | None:
         """How h(θ_t) is computed after each step (None without laws):
 
-        "native" (default where every law parameter is on the CPU and a C++ compiler is found;
+        "native" (default where every law parameter is on the CPU and a C++ compiler is found,
         else "eager"): the update and every law statistic in one pass of a C++ kernel
         (`consopt.native`: each element read and written once; row/column sums and the Gram
         matrices of attention heads and other aligned unit groups formed while the parameter is
         in cache; bitwise torch's update, checked against torch's at its first call). Built on
-        first use with the system's C++ compiler (about 5 s, then cached); without one, a
-        warning and "eager". Tensors it cannot take (not contiguous, dtypes other than float32/
-        float64, the first step with momentum, GradScaler, …) take torch's update and the eager
-        statistics for that step.
+        first use with the system's C++ compiler (5–9 s, then cached); if the build fails, a
+        warning and "eager". Param groups it cannot take (float16/bfloat16, non-contiguous
+        tensors, the first step with momentum, fused groups, …) get torch's update; the law
+        statistics then still come from its statistics-only pass where it can read the tensors.
         "eager": chunked float64 torch ops (``consopt.functional.LawEvaluator``); h(θ_t) is
         evaluated when first read after a step.
         "compile": the per-parameter statistics in one ``torch.compile``d graph (one fused pass

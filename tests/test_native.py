@@ -471,3 +471,64 @@ def test_build_into_another_cache_when_unwritable(monkeypatch, tmp_path):
     monkeypatch.setattr(N.tempfile, "tempdir", str(tmp_path / "tmp"))
     path = N._build(N._compiler())
     assert path.parent.parent == tmp_path / "tmp" and path.exists()
+
+
+def test_build_refuses_a_shared_temporary_directory(monkeypatch, tmp_path):
+    """The temporary-directory fallback is used only if private to this user (mode 0700): a
+    directory others can write (where a library could have been planted) is refused."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("CONSOPT_CACHE_DIR", str(blocker / "sub"))
+    (tmp_path / "tmp").mkdir()
+    shared = tmp_path / "tmp" / f"consopt-{N._uid()}"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    monkeypatch.setattr(N.tempfile, "tempdir", str(tmp_path / "tmp"))
+    with pytest.raises(N.NativeUnavailable, match="private"):
+        N._build(N._compiler())
+
+
+@pytest.mark.parametrize("seed", range(6))  # (whether the order shows in the bits depends on the data)
+def test_groups_sharing_memory_keep_torch_order(seed):
+    """A non-contiguous parameter (torch's update) overlapping a later group's parameter that the
+    native step could take: the step keeps torch's order, so both are torch.optim.SGD's bits."""
+    torch.manual_seed(_seed_of("order", seed))
+    model = MLP()
+    laws = mlp_laws(model)
+    ref_model = copy.deepcopy(model)
+    buf = torch.randn(12)
+    ref_buf = buf.clone()
+    p1, p2 = torch.nn.Parameter(buf[0:12:2]), torch.nn.Parameter(buf[0:6])
+    r1, r2 = torch.nn.Parameter(ref_buf[0:12:2]), torch.nn.Parameter(ref_buf[0:6])
+    opt = consopt.SGD([{"params": [p1]}, {"params": [p2] + list(model.parameters())}], lr=0.1, momentum=0.9,
+                      laws=laws)
+    o_ref = torch.optim.SGD([{"params": [r1]}, {"params": [r2] + list(ref_model.parameters())}], lr=0.1,
+                            momentum=0.9)
+    g = torch.Generator().manual_seed(_seed_of("order-data", seed))
+    for _ in range(4):
+        for a, b in zip([p1, p2] + list(model.parameters()), [r1, r2] + list(ref_model.parameters())):
+            a.grad = torch.randn(a.shape, generator=g)
+            b.grad = a.grad.clone()
+        opt.step()
+        o_ref.step()
+    assert _same(buf, ref_buf)
+    assert all(_same(a, b) for a, b in zip(model.parameters(), ref_model.parameters()))
+
+
+def test_statistics_only_layouts_are_bounded():
+    """Law parameters without gradients in changing subsets: the statistics-only layouts stay
+    bounded, and the deviations exact."""
+    model, laws = build("llama", seed=_seed_of("subsets"))
+    h0 = laws.evaluate(model)
+    opt = consopt.SGD(model.parameters(), lr=0.01, momentum=0.9, laws=laws)
+    g = torch.Generator().manual_seed(_seed_of("subsets-data"))
+    params = list(model.parameters())
+    for _ in range(40):
+        keep = torch.rand(len(params), generator=g) > 0.3
+        for p, k in zip(params, keep):
+            p.grad = torch.randn(p.shape, generator=g) if k else None
+        opt.step()
+    assert len(opt._native._stats._stats_only) <= N._MAX_LAYOUTS
+    h, sc = laws.evaluate(model), laws.scale(model)
+    for k, d in opt.deviation().items():
+        assert float(((d - (h[k] - h0[k])).abs() / sc[k].clamp_min(1e-300)).max()) <= 1e-12, k
