@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 from torch.optim.sgd import sgd as _torch_sgd
 
-__all__ = ["Segment", "CompiledUpdate", "update_graph"]
+__all__ = ["Segment", "CompiledUpdate", "update_graph", "snapshot", "matches_torch", "restore"]
 
 DTYPES = (torch.float32, torch.float64)
 _MAX_BUILDS = 8  # compiled graphs per optimizer before giving up (e.g. grads that keep changing layout)
@@ -194,36 +194,45 @@ class CompiledUpdate:
         return self._first_call(key, flags, segments, tensors, hypers)
 
     def _first_call(self, key, flags, segments, tensors, hypers) -> bool:
-        before = [tuple([t.detach().clone() for t in lst] for lst in (s.params, s.grads, s.bufs)) for s in segments]
+        before = snapshot(segments)
         try:
             fn = update_graph(flags)
             with torch.compiler.set_stance("default"):
                 fn(tensors, hypers)
         except Exception as e:  # noqa: BLE001 - no C++ compiler, unsupported op, …: restore, use torch
-            self._restore(tensors, before)
+            restore(tensors, before)
             self._disable(f"torch.compile failed: {type(e).__name__}: {str(e)[:200]}")
             return False
-        # torch's update on copies of the state before the step; the compiled result must match it
-        ref = [tuple([t.clone() for t in lst] for lst in seg) for seg in before]
-        for s, (pc, gc, bc) in zip(segments, ref):
-            _torch_sgd(pc, gc, bc, weight_decay=s.weight_decay,
-                       momentum=s.momentum, lr=s.lr, dampening=s.dampening, nesterov=s.nesterov,
-                       maximize=s.maximize, foreach=s.foreach, fused=False)
-        same = all(_bits_equal(a, b) for (ps, gs, bs), (pc, gc, bc) in zip(tensors, ref)
-                   for a, b in zip(ps + gs + bs, pc + gc + bc))
-        if not same:  # back to the state before the step, and torch's own update on the live tensors
-            self._restore(tensors, before)
+        if not matches_torch(segments, before):  # back to the state before the step; torch's update follows
+            restore(tensors, before)
             self._disable("its result differs from torch's in the last bit on this machine")
             return False
         self._fns[key].insert(0, fn)
         return True
 
-    @staticmethod
-    def _restore(tensors, ref) -> None:
-        """Put torch's result (or the untouched copies) into the live tensors; tensors already
-        equal are not written (an expanded gradient cannot be)."""
-        for live, saved in zip(tensors, ref):
-            for xs, ys in zip(live, saved):
-                for x, y in zip(xs, ys):
-                    if not _bits_equal(x, y):
-                        x.copy_(y)
+
+def snapshot(segments: list) -> list:
+    """Copies of every segment's (params, grads, buffers), for `matches_torch` and `restore`."""
+    return [tuple([t.detach().clone() for t in lst] for lst in (s.params, s.grads, s.bufs)) for s in segments]
+
+
+def matches_torch(segments: list, before: list) -> bool:
+    """Whether the segments' live tensors are, bit for bit, torch's update (`torch.optim.sgd.sgd`)
+    applied to copies of `before` (their `snapshot` before the step)."""
+    for s, seg in zip(segments, before):
+        pc, gc, bc = ([t.clone() for t in lst] for lst in seg)
+        _torch_sgd(pc, gc, bc, weight_decay=s.weight_decay, momentum=s.momentum, lr=s.lr, dampening=s.dampening,
+                   nesterov=s.nesterov, maximize=s.maximize, foreach=s.foreach, fused=False)
+        if not all(_bits_equal(a, b) for a, b in zip(s.params + s.grads + s.bufs, pc + gc + bc)):
+            return False
+    return True
+
+
+def restore(tensors: list, saved: list) -> None:
+    """Put the saved copies back into the live tensors ([(params, grads, bufs)] each); tensors
+    already equal are not written (an expanded gradient cannot be)."""
+    for live, old in zip(tensors, saved):
+        for xs, ys in zip(live, old):
+            for x, y in zip(xs, ys):
+                if not _bits_equal(x, y):
+                    x.copy_(y)

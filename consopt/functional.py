@@ -51,10 +51,18 @@ _CHUNK_ELEMS = 1 << 17
 _F64 = torch.float64
 
 
+def _run_start(index: Tensor) -> int | None:
+    """s if `index`, flattened, is s, s+1, s+2, … (consecutive slices: a view); else None."""
+    flat = index.reshape(-1).cpu()
+    if not flat.numel():
+        return None
+    s = int(flat[0])
+    return s if bool(torch.equal(flat, torch.arange(s, s + flat.numel()))) else None
+
+
 def _is_trivial_index(index: Tensor, n: int) -> bool:
     """index == arange(n).view(T*units, S) flattened in order, i.e. the whole axis, in order."""
-    flat = index.reshape(-1)
-    return flat.numel() == n and bool(torch.equal(flat.cpu(), torch.arange(n)))
+    return index.numel() == n and (n == 0 or _run_start(index) == 0)
 
 
 class _StatsSpec:
@@ -417,11 +425,10 @@ class LawEvaluator:
                     while e < n_f and terms[e][j][0].param == t0.param and terms[e][j][0].axis == t0.axis:
                         e += 1
                     idx = torch.stack([terms[i][j][2] for i in range(a, e)])  # [n, units, S]
-                    flat = idx.reshape(-1)
-                    run = flat.numel() > 0 and bool(torch.equal(flat, torch.arange(int(flat[0]), int(flat[0]) + flat.numel())))
+                    start = _run_start(idx)
                     fills.append({"cols": (k0, k0 + w), "fams": (a, e), "param": t0.param, "axis": t0.axis,
-                                  "start": int(flat[0]) if run else None, "shape": tuple(idx.shape),
-                                  "index": None if run else idx.to(dev)})
+                                  "start": start, "shape": tuple(idx.shape),
+                                  "index": None if start is not None else idx.to(dev)})
                     a = e
                 segments.append(fills)
                 k0 += w
@@ -448,9 +455,8 @@ class LawEvaluator:
                 units = idx.shape[0]
                 if not (ok and p.ndim in (1, 2) and t.axis < p.ndim and idx.shape[1] == 1 and 0 < units <= _GRAM_UNITS
                         and stage_elements(p.shape, t.axis, units) <= _GRAM_STAGE
-                        and p.shape[t.axis] % units == 0 and int(idx[0, 0]) % units == 0
-                        and sizes.get((t.param, t.axis), units) == units
-                        and torch.equal(idx.reshape(-1), torch.arange(int(idx[0, 0]), int(idx[0, 0]) + units))):
+                        and p.shape[t.axis] % units == 0 and _run_start(idx) is not None
+                        and int(idx[0, 0]) % units == 0 and sizes.get((t.param, t.axis), units) == units):
                     ok = False
                     break
                 groups.append((t.param, t.axis, int(idx[0, 0]) // units))
@@ -487,14 +493,9 @@ class LawEvaluator:
         vals = {}
         for plan in self._gram_plans:
             a, signs = plan["view"], plan["signs"]
-            if len(signs) == 1:
-                h = a[0].clone() if signs[0] > 0 else -a[0]
-            else:
-                h = a[0] + a[1] if signs[1] > 0 else a[0] - a[1]
-                if signs[0] < 0:
-                    h = h - 2 * a[0]
-                for t in range(2, len(signs)):
-                    h.add_(a[t], alpha=signs[t])
+            h = a[0].clone() if signs[0] > 0 else -a[0]
+            for t in range(1, len(signs)):
+                h.add_(a[t], alpha=signs[t])
             vals.update(zip(plan["fams"], h.unbind(0)))
         return vals
 
@@ -527,15 +528,15 @@ class LawEvaluator:
                     h = (g if sign > 0 else -g) if h is None else (h + g if sign > 0 else h - g)
                 vals.update(zip(plan["fams"], h.unbind(0)))
                 continue
-            else:  # into a scratch buffer (a fresh multi-MB buffer would page-fault on every call)
-                x = self._mat_scratch.get((plans is None, i))
-                if x is None:
-                    x = self._mat_scratch[(plans is None, i)] = torch.empty(n_f, units, plan["width"], dtype=_F64,
-                                                           device=plan["device"])
-                for seg in plan["segments"]:
-                    for f in seg:
-                        (k0, k1), (a, e) = f["cols"], f["fams"]
-                        x[a:e, :, k0:k1].copy_(self._fill_source(tensors, f))
+            # into a scratch buffer (a fresh multi-MB buffer would page-fault on every call)
+            x = self._mat_scratch.get((plans is None, i))
+            if x is None:
+                x = self._mat_scratch[(plans is None, i)] = torch.empty(n_f, units, plan["width"], dtype=_F64,
+                                                                        device=plan["device"])
+            for seg in plan["segments"]:
+                for f in seg:
+                    (k0, k1), (a, e) = f["cols"], f["fams"]
+                    x[a:e, :, k0:k1].copy_(self._fill_source(tensors, f))
             k = plan["split"]  # X = [producers | consumers]: h = X₊X₊ᵀ − X₋X₋ᵀ
             xp, xn = x[:, :, :k], x[:, :, k:]
             h = torch.bmm(xp, xp.transpose(1, 2))

@@ -495,12 +495,12 @@ class NativeStep:
         warnings.warn(f"consopt: the native CPU step is off ({why}); using torch's update", RuntimeWarning,
                       stacklevel=4)
 
-    def update(self, segments: list, checked: bool = False) -> tuple:
+    def update(self, segments: list) -> tuple:
         """Apply the update of the segments it takes; returns (where, taken): `where` maps each
         law parameter it updated to (layout, index), or is None if it changed nothing (off, or
         its first call was undone); taken[i] says whether segments[i] was updated (the others,
-        e.g. of parameters that overlap in memory, are left to torch's update). checked: every
-        segment already passed `accepts`."""
+        e.g. of parameters that overlap in memory, are left to torch's update). Every segment
+        must have passed `accepts`."""
         taken = [False] * len(segments)
         if self.disabled is not None:
             return None, taken
@@ -511,7 +511,7 @@ class NativeStep:
             return None, taken
         work, where = [], {}
         for j, s in enumerate(segments):
-            if not s.params or not (checked or self.accepts(s)):
+            if not s.params:
                 continue
             names = [self._law_ids.get(id(p)) for p in s.params]
             key = (tuple(map(id, s.params)), tuple(p.shape for p in s.params), tuple(names), s.params[0].dtype,
@@ -534,9 +534,13 @@ class NativeStep:
                 return None, [False] * len(segments)
         else:
             for s, layout, _, _ in work:
-                layout.run(s.params[0].dtype, kernel_flags(s), s.params, s.grads, s.bufs, -s.lr, s.momentum,
-                           1 - s.dampening, s.weight_decay)
+                self._run(s, layout)
         return where, taken
+
+    @staticmethod
+    def _run(s, layout: Layout) -> None:
+        layout.run(s.params[0].dtype, kernel_flags(s), s.params, s.grads, s.bufs, -s.lr, s.momentum,
+                   1 - s.dampening, s.weight_decay)
 
     def collect(self, law_tensors: dict, where: dict) -> dict:
         """The law statistics after `update` (and torch's update of the segments it did not take):
@@ -547,27 +551,14 @@ class NativeStep:
         return self._stats.stats(law_tensors, where)
 
     def _first_call(self, work: list) -> bool:
-        from torch.optim.sgd import sgd as torch_sgd
+        from .compiled_update import matches_torch, restore, snapshot
 
-        from .compiled_update import _bits_equal
-
-        before = [[[t.detach().clone() for t in lst] for lst in (s.params, s.grads, s.bufs)] for s, *_ in work]
+        segments = [s for s, *_ in work]
+        before = snapshot(segments)
         for s, layout, _, _ in work:
-            layout.run(s.params[0].dtype, kernel_flags(s), s.params, s.grads, s.bufs, -s.lr, s.momentum,
-                       1 - s.dampening, s.weight_decay)
-        same = True
-        for (s, *_), (ps, gs, bs) in zip(work, before):
-            pc, gc, bc = [t.clone() for t in ps], [t.clone() for t in gs], [t.clone() for t in bs]
-            torch_sgd(pc, gc, bc if bc else [None] * len(pc), weight_decay=s.weight_decay, momentum=s.momentum,
-                      lr=s.lr, dampening=s.dampening, nesterov=s.nesterov, maximize=s.maximize,
-                      foreach=s.foreach, fused=False)
-            same = same and all(_bits_equal(a, b) for a, b in zip(s.params + s.grads + s.bufs, pc + gc + bc))
-        if not same:  # back to the state before the step; the caller applies torch's update
-            for (s, *_), saved in zip(work, before):
-                for live, old in zip((s.params, s.grads, s.bufs), saved):
-                    for x, y in zip(live, old):
-                        if not _bits_equal(x, y):
-                            x.copy_(y)
+            self._run(s, layout)
+        if not matches_torch(segments, before):  # back to the state before the step; torch's update follows
+            restore([(s.params, s.grads, s.bufs) for s in segments], before)
             self._disable("its result differs from torch's in the last bit on this machine")
             return False
         limit = max(_MAX_LAYOUTS, 4 * len(work))  # (one layout per param group and step signature)

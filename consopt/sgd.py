@@ -565,7 +565,7 @@ class SGD(torch.optim.SGD):
         if self._native is None:
             self._native = NativeStep(ev.native_needs(), ev.tensors)
         groups = [g for g, n in zip(self.param_groups, native) if n]
-        where, taken = self._native.update([s for s, n in zip(per_group, native) if n], checked=True)
+        where, taken = self._native.update([s for s, n in zip(per_group, native) if n])
         # the groups it did not take (float16, a first momentum step, non-contiguous, overlapping
         # views, or all of them if it changed nothing): torch's update, before any statistics
         self._torch_step([g for g, n in zip(self.param_groups, native) if not n]
@@ -616,7 +616,7 @@ class SGD(torch.optim.SGD):
         grad, sparse gradients, the first step with momentum, dtypes other than float32/float64,
         tensors shared between params, grads and buffers). per_group: a list with None for each
         group that only torch's update can take (None overall only for the step-wide reasons)."""
-        from .compiled_update import CompiledUpdate, Segment
+        from .compiled_update import CompiledUpdate
 
         if torch.compiler.is_compiling():  # the step itself is being traced: torch's update
             return None
@@ -624,7 +624,7 @@ class SGD(torch.optim.SGD):
             return None
         segments = []
         for group in self.param_groups:
-            seg = self._group_segment(group, Segment)
+            seg = self._group_segment(group)
             if seg is not None and not CompiledUpdate.applicable(seg):
                 seg = None
             if seg is None and not per_group:
@@ -634,7 +634,10 @@ class SGD(torch.optim.SGD):
             return None
         return segments
 
-    def _group_segment(self, group, Segment):
+    def _group_segment(self, group):
+        """One group's `consopt.compiled_update.Segment`, or None where only torch's update can take it."""
+        from .compiled_update import Segment
+
         if group["differentiable"] or group["fused"]:
             return None
         lr = group["lr"]

@@ -180,6 +180,17 @@ void stats_item(T* __restrict p, T* __restrict g, T* __restrict m, int64_t r0, i
   }
 }
 
+// out[0:n] = Σ_b src[b·stride : b·stride + n] over nb ≥ 1 blocks, added in block order.
+inline void sum_blocks(double* __restrict out, const double* __restrict src, int64_t stride, int64_t n,
+                       int64_t nb) {
+  std::memcpy(out, src, n * sizeof(double));
+  for (int64_t b = 1; b < nb; ++b) {
+    const double* pb = src + b * stride;
+#pragma omp simd
+    for (int64_t x = 0; x < n; ++x) out[x] += pb[x];
+  }
+}
+
 struct Args {
   void** P;
   void** G;
@@ -220,7 +231,6 @@ void run(const Args& a, double neg_lr_d, double mu_d, double damp1_d, double lam
     // each thread takes a contiguous run of items holding an equal share of their estimated cost
     // (items differ: 32 rows of a wide conv weight, a bias, a block with Gram matrices)
     const int64_t nth = omp_get_num_threads(), tid = omp_get_thread_num(), total = a.it_cost[a.nitems];
-    // (it_cost[i] = i: an equal number of items per thread)
     const int64_t lo = total / nth * tid + std::min(tid, total % nth);
     const int64_t hi = total / nth * (tid + 1) + std::min(tid + 1, total % nth);
     const int64_t i0 = std::lower_bound(a.it_cost, a.it_cost + a.nitems, lo) - a.it_cost;
@@ -262,37 +272,14 @@ void run(const Args& a, double neg_lr_d, double mu_d, double damp1_d, double lam
     for (int64_t t = 0; t < a.ntensors; ++t) {
       if (a.CQ[t] == nullptr) continue;
       const int64_t C = a.C[t], nb = a.nblocks[t];
-      const double* part = a.partial + a.part_off[t];
-      double* cq = a.CQ[t];
-      std::memcpy(cq, part + C, C * sizeof(double));
-      for (int64_t b = 1; b < nb; ++b) {
-        const double* pb = part + b * 2 * C + C;
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) cq[c] += pb[c];
-      }
-      if (a.SUMS[t]) {
-        double* cs = a.CS[t];
-        std::memcpy(cs, part, C * sizeof(double));
-        for (int64_t b = 1; b < nb; ++b) {
-          const double* pb = part + b * 2 * C;
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) cs[c] += pb[c];
-        }
-      }
-      if (a.CGU[t]) {  // column Grams: block partials in block order
-        const int64_t cu = a.CGU[t], uu = cu * cu, n = C * cu;
+      const double* part = a.partial + a.part_off[t];  // per block: [Σx | Σx²], C each
+      sum_blocks(a.CQ[t], part + C, 2 * C, C, nb);
+      if (a.SUMS[t]) sum_blocks(a.CS[t], part, 2 * C, C, nb);
+      if (a.CGU[t]) {  // column Grams: per block [C / U, U, U]
+        const int64_t cu = a.CGU[t], uu = cu * cu;
         const double* gp = a.gpartial + a.gpart_off[t];
-        for (int64_t gi = 0; gi < C / cu; ++gi) {
-          const int64_t off = a.CGO[t][gi];
-          if (off < 0) continue;
-          double* out = a.CG[t] + off;
-          std::memcpy(out, gp + gi * uu, uu * sizeof(double));
-          for (int64_t b = 1; b < nb; ++b) {
-            const double* pb = gp + b * n + gi * uu;
-#pragma omp simd
-            for (int64_t x = 0; x < uu; ++x) out[x] += pb[x];
-          }
-        }
+        for (int64_t gi = 0; gi < C / cu; ++gi)
+          if (a.CGO[t][gi] >= 0) sum_blocks(a.CG[t] + a.CGO[t][gi], gp + gi * uu, C * cu, uu, nb);
       }
     }
   }
