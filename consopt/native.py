@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -44,7 +45,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["NativeUnavailable", "available", "load", "Layout", "NativeStep", "NativeStats", "SOURCE"]
+__all__ = ["NativeUnavailable", "available", "load", "Layout", "NativeStep", "NativeStats", "SOURCE", "ScaleApply"]
 
 SOURCE = Path(__file__).with_name("csrc") / "sgd_stats.cpp"
 # -ffp-contract=fast turns the statistics' a += x·y into FMAs; the update itself is written with
@@ -196,12 +197,69 @@ def load() -> ctypes.CDLL:
         P, I64, D, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
         fn.argtypes = [I, I, I64] + [P] * 12 + [I64] + [P] * 4 + [P] * 8 + [I64, P, D, D, D, D, I]
         fn.restype = I
+        fn = lib.consopt_scale_apply
+        fn.argtypes = [I, I64, P, P, P, P, P, P, I]
+        fn.restype = I
         _lib = lib
         return lib
 
 
 def _i64(values) -> Tensor:
     return torch.tensor(list(values), dtype=torch.int64)
+
+
+def can_scale(t: Tensor) -> bool:
+    """Whether `ScaleApply` takes tensor t (CPU, contiguous, float32/float64)."""
+    return t.device.type == "cpu" and t.dtype in DTYPES and t.is_contiguous()
+
+
+class ScaleApply:
+    """The diagonal symmetry action of the projection on a fixed list of tensors, in place:
+    every element of a tensor (and of its momentum buffer) becomes float64(x) · fa[i] · fb[j]
+    rounded once to its dtype (the Triton apply kernel's arithmetic), i / j its index along the
+    tensor's first / second factor axis. `specs[t]` = (shape, [(axis, offset of its factors in
+    F)] for at most two axes, ascending); `run(ps, ms, F)` with F a contiguous float64 CPU
+    vector, `ps` the tensors (one dtype, `can_scale`), `ms` their momentum buffers or None."""
+
+    def __init__(self, specs):
+        fa, fb, dims = [], [], []
+        for shape, slots in specs:
+            shape = tuple(shape)
+            slots = list(slots)
+            if len(slots) == 2:
+                (a, oa), (b, ob) = slots
+                fa.append(oa)
+                fb.append(ob)
+                dims += [math.prod(shape[:a]), shape[a], math.prod(shape[a + 1:b]), shape[b], math.prod(shape[b + 1:])]
+            elif slots and slots[0][0] == 0:  # rows: the a-slot
+                fa.append(slots[0][1])
+                fb.append(-1)
+                dims += [1, shape[0], 1, 1, math.prod(shape[1:])]
+            elif slots:  # an inner axis: the b-slot (no division per element)
+                a, o = slots[0]
+                fa.append(-1)
+                fb.append(o)
+                dims += [1, 1, math.prod(shape[:a]), shape[a], math.prod(shape[a + 1:])]
+            else:
+                fa.append(-1)
+                fb.append(-1)
+                dims += [1, 1, 1, 1, math.prod(shape)]
+        self.n = len(fa)
+        self._fa, self._fb, self._dims = _i64(fa), _i64(fb), _i64(dims)
+
+    def run(self, ps, ms, F: Tensor) -> None:
+        if self.n == 0:
+            return
+        if F.dtype != torch.float64 or not F.is_contiguous() or F.device.type != "cpu":
+            raise ValueError("ScaleApply: F must be a contiguous float64 CPU tensor")
+        dtype = ps[0].dtype
+        P = torch.tensor([p.data_ptr() for p in ps], dtype=torch.int64)
+        M = torch.tensor([0 if m is None else m.data_ptr() for m in ms], dtype=torch.int64)
+        rc = load().consopt_scale_apply(DTYPES[dtype], self.n, P.data_ptr(), M.data_ptr(), F.data_ptr(),
+                                        self._fa.data_ptr(), self._fb.data_ptr(), self._dims.data_ptr(),
+                                        torch.get_num_threads())
+        if rc != 0:
+            raise NativeUnavailable(f"consopt_scale_apply returned {rc}")
 
 
 class Layout:

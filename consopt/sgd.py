@@ -227,6 +227,7 @@ class SGD(torch.optim.SGD):
         self._published = {}  # id(p) -> the momentum view we put in self.state[p]
         self._fused_ok = False  # a fused step has completed (kernels compiled and ran)
         self._projector = None  # FlatProjector on the fused path (False: its first use failed)
+        self._tensor_projector = None  # TensorProjector elsewhere (symmetry projection)
         self._cpu_update = None  # consopt.compiled_update.CompiledUpdate (tracking_backend="compile")
         self._native = None  # consopt.native.NativeStep (tracking_backend="native")
         self._native_checked = False
@@ -293,6 +294,7 @@ class SGD(torch.optim.SGD):
         d["_use_fused"], d["_flat"], d["_compiled"], d["_published"] = None, None, None, {}
         d["_fused_ok"] = False
         d["_projector"] = None
+        d["_tensor_projector"] = None
         d["_cpu_update"] = None
         d["_native"] = None
         d["_native_checked"] = False
@@ -353,11 +355,12 @@ class SGD(torch.optim.SGD):
     def _project(self, values: dict | None = None):
         """Put the parameters back on {h = h(θ_0)} (consopt.projection); momentum is transported.
 
-        On the fused path the symmetry projection runs on the flat buffers
-        (`consopt.projection.FlatProjector`: the statistics kernels, batched actions, one apply
-        launch per buffer) and returns the law values at the projected point; otherwise (and for
-        "euclidean", which acts on the parameter views) `consopt.projection.project`."""
-        from .projection import project
+        "symmetry" on the fused path runs on the flat buffers (`consopt.projection.FlatProjector`:
+        the statistics kernels, batched actions, one apply launch per buffer), elsewhere on the
+        parameter tensors (`consopt.projection.TensorProjector`: the native or eager statistics,
+        batched actions, one native pass per tensor); both return the law values at the projected
+        point. "euclidean" is `consopt.projection.project` (re-evaluated by the tracker)."""
+        from .projection import TensorProjector, project
 
         if self.projection == "symmetry" and self._use_fused and self._flat is not None and self._fused_ok:
             projected = self._project_flat(values)
@@ -369,6 +372,13 @@ class SGD(torch.optim.SGD):
             buf = self.state.get(p, {}).get("momentum_buffer")
             if buf is not None:
                 buffers[name] = buf
+        if self.projection == "symmetry":
+            backend = "native" if self._tracker.evaluator.backend == "native" else "eager"
+            proj = self._tensor_projector
+            if proj is None or proj.backend != backend:
+                proj = self._tensor_projector = TensorProjector(self.laws, tensors, backend=backend)
+            self.projection_stats = proj(self._tracker.h0, buffers=buffers, values=values)
+            return proj.values
         self.projection_stats = project(self.laws, tensors, self._tracker.h0, self.projection, buffers=buffers)
         return None  # re-evaluated by the tracker
 

@@ -314,6 +314,36 @@ int dispatch(const Args& a, int flags, double neg_lr, double mu, double damp1, d
 #undef CONSOPT_CASE
 }
 
+// The diagonal symmetry action of the projection: a tensor viewed as [n0, da, n1, db, n2] gets
+// x <- x * fa[ia] * fb[ib] in float64, rounded to T once (the Triton apply kernel's arithmetic);
+// its momentum m by the same factors. fa / fb null: factor 1.
+template <typename T>
+void scale_tensor(T* __restrict p, T* __restrict m, const double* __restrict fa, const double* __restrict fb,
+                  const int64_t* d, int nthreads) {
+  const int64_t n0 = d[0], da = d[1], n1 = d[2], db = d[3], n2 = d[4];
+  const int64_t rows = n0 * da * n1, inner = db * n2;
+  const bool par = rows > 1 && rows * inner >= 65536;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (par)
+  for (int64_t r = 0; r < rows; ++r) {
+    const double f = fa ? fa[(r / n1) % da] : 1.0;
+    T* __restrict x = p + r * inner;
+    T* __restrict y = m ? m + r * inner : nullptr;
+    if (n2 == 1 && fb) {  // the factor axis is the innermost one (a Linear weight's columns)
+      for (int64_t j = 0; j < db; ++j) x[j] = (T)((double)x[j] * f * fb[j]);
+      if (y)
+        for (int64_t j = 0; j < db; ++j) y[j] = (T)((double)y[j] * f * fb[j]);
+      continue;
+    }
+    for (int64_t j = 0; j < db; ++j) {
+      const double g = fb ? fb[j] : 1.0;
+      const int64_t o = j * n2;
+      for (int64_t k = 0; k < n2; ++k) x[o + k] = (T)((double)x[o + k] * f * g);
+      if (y)
+        for (int64_t k = 0; k < n2; ++k) y[o + k] = (T)((double)y[o + k] * f * g);
+    }
+  }
+}
+
 }  // namespace
 
 extern "C" int consopt_sgd_stats(int dtype, int flags, int64_t ntensors, void** P, void** G, void** M,
@@ -329,4 +359,20 @@ extern "C" int consopt_sgd_stats(int dtype, int flags, int64_t ntensors, void** 
   if (dtype == 0) return dispatch<float>(a, flags, neg_lr, mu, damp1, lam, nthreads);
   if (dtype == 1) return dispatch<double>(a, flags, neg_lr, mu, damp1, lam, nthreads);
   return 2;
+}
+
+extern "C" int consopt_scale_apply(int dtype, int64_t ntensors, void** P, void** M, const double* F,
+                                   const int64_t* FA, const int64_t* FB, const int64_t* dims, int nthreads) {
+  // tensor t's factors: F + FA[t] along its a-slot, F + FB[t] along its b-slot (-1: none)
+  for (int64_t t = 0; t < ntensors; ++t) {
+    const double* fa = FA[t] >= 0 ? F + FA[t] : nullptr;
+    const double* fb = FB[t] >= 0 ? F + FB[t] : nullptr;
+    if (dtype == 0)
+      scale_tensor<float>((float*)P[t], (float*)M[t], fa, fb, dims + 5 * t, nthreads);
+    else if (dtype == 1)
+      scale_tensor<double>((double*)P[t], (double*)M[t], fa, fb, dims + 5 * t, nthreads);
+    else
+      return 2;
+  }
+  return 0;
 }

@@ -1,0 +1,245 @@
+"""consopt.projection.TensorProjector: the symmetry projection on the parameter tensors (the CPU
+path of ``consopt.SGD(projection="symmetry")``), against `project` and float64 re-evaluation,
+and the native apply kernel (`consopt.native.ScaleApply`) against its torch formula."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+
+import pytest
+import torch
+
+import consopt
+import consopt.native as N
+from consopt.projection import TensorProjector, _lyapunov, project
+
+from test_projection import CASES, DEV_TOL, rel_dev, setup
+
+HAVE_CXX = any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+BACKENDS = ["eager"] + (["native"] if HAVE_CXX else [])
+
+
+def _step(m, opt, x, y, loss_fn):
+    opt.zero_grad()
+    loss_fn(m(x), y).backward()
+    opt.step()
+
+
+def _buffers(opt, params):
+    return {n: opt.state[p]["momentum_buffer"] for n, p in params.items() if "momentum_buffer" in opt.state[p]}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(CASES))
+def test_reaches_the_level_set_keeps_the_function_and_reports_h(name, backend):
+    m, x, y, loss_fn, laws, fmap = setup(name)
+    h0 = laws.evaluate(m)
+    params = dict(m.named_parameters())
+    proj = TensorProjector(laws, params, backend=backend)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(3):
+        _step(m, opt, x, y, loss_fn)
+        assert rel_dev(laws, m, h0) > 1e-7  # the step really left the level set
+        torch.manual_seed(7)
+        before = fmap(m(x)).detach()
+        stats = proj(h0, buffers=_buffers(opt, params))
+        assert stats.converged and stats.skipped == 0 and stats.rounds >= 1
+        assert rel_dev(laws, m, h0) <= DEV_TOL
+        torch.manual_seed(7)
+        after = fmap(m(x)).detach()
+        assert float((after - before).norm() / before.norm()) <= 1e-10
+        # the values it reports are h at the result (float64 re-evaluation)
+        vals, sc = laws.evaluate(m), laws.scale(m)
+        for k, v in vals.items():
+            assert float(((proj.values[k] - v).abs() / sc[k].clamp_min(1e-300)).max()) <= 1e-12
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["mlp", "cnn-bn", "attention", "llama", "residual"])
+def test_momentum_takes_exactly_the_parameters_action(name, backend):
+    """A buffer equal to its parameter stays equal to it: every factor and matrix acts on both
+    (translations, which leave velocities alone, are left out)."""
+    m, x, y, loss_fn, laws, _ = setup(name)
+    laws = laws.subset([f.name for f in laws if f.order == 2])
+    h0 = laws.evaluate(m)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    _step(m, opt, x, y, loss_fn)
+    params = dict(m.named_parameters())
+    bufs = {n: params[n].detach().clone() for n in laws.param_names}
+    before = {n: b.clone() for n, b in bufs.items()}
+    stats = TensorProjector(laws, params, backend=backend)(h0, buffers=bufs)
+    assert stats.converged and stats.rounds >= 1
+    for n, b in bufs.items():
+        assert torch.equal(b, params[n].detach()), n
+    assert max(float((bufs[n] - before[n]).abs().max()) for n in bufs) > 1e-9  # they did move
+
+
+def test_agrees_with_project_on_diagonal_laws():
+    """Diagonal laws of an MLP have one point of each orbit on the level set: both reach it."""
+    m, x, y, loss_fn, laws, _ = setup("mlp")
+    h0 = laws.evaluate(m)
+    _step(m, torch.optim.SGD(m.parameters(), lr=0.2), x, y, loss_fn)
+    a, b = copy.deepcopy(m), copy.deepcopy(m)
+    project(laws, dict(a.named_parameters()), h0, "symmetry")
+    TensorProjector(laws, dict(b.named_parameters()), backend=BACKENDS[-1])(h0)
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pb, pa, rtol=1e-10, atol=1e-13, msg=n)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float32_model_stops_at_its_storage_precision(backend):
+    m, x, y, loss_fn, laws, _ = setup("attention")
+    m = m.float()
+    laws = consopt.find_laws(m, (x,), loss="cross_entropy")
+    h0 = laws.evaluate(m)
+    params = dict(m.named_parameters())
+    proj = TensorProjector(laws, params, backend=backend)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(3):
+        _step(m, opt, x, y, loss_fn)
+        stats = proj(h0, buffers=_buffers(opt, params))
+        assert stats.converged and stats.max_residual <= 2 * torch.finfo(torch.float32).eps
+        assert rel_dev(laws, m, h0) <= 4 * torch.finfo(torch.float32).eps
+        assert all(torch.isfinite(p).all() for p in m.parameters())
+
+
+def test_dead_unit_is_skipped_and_counted_never_nan():
+    m, x, y, loss_fn, laws, _ = setup("mlp")
+    with torch.no_grad():
+        m[0].weight[3] = 0
+        m[0].bias[3] = 0
+        m[2].weight[:, 3] = 0
+    h0 = laws.evaluate(m)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 1e-3)
+        m[0].weight[3] = 0
+        m[0].bias[3] = 0
+        m[2].weight[:, 3] = 0
+    stats = TensorProjector(laws, dict(m.named_parameters()), backend=BACKENDS[-1])(h0)
+    assert stats.skipped >= 1 and stats.converged
+    assert all(torch.isfinite(p).all() for p in m.parameters())
+    fam = [f for f in laws if f.modules[0] == "0"][0].name
+    others = [j for j in range(7) if j != 3]
+    torch.testing.assert_close(laws.evaluate(m)[fam][others], h0[fam][others], rtol=0,
+                               atol=1e-10 * float(laws.scale(m)[fam].max()))
+
+
+def test_over_relaxation_cuts_the_rounds_and_lands_on_the_same_set():
+    """Residual MLP: Gauss–Seidel contracts slowly there (ρ ≈ 0.8); SOR with the measured ρ
+    reaches the same tolerance in fewer rounds."""
+    m, x, y, loss_fn, laws, _ = setup("residual")
+    h0 = laws.evaluate(m)
+    _step(m, torch.optim.SGD(m.parameters(), lr=0.1), x, y, loss_fn)
+    rounds = {}
+    for relax in (False, True):
+        mm = copy.deepcopy(m)
+        proj = TensorProjector(laws, dict(mm.named_parameters()), backend=BACKENDS[-1])
+        proj.relax = relax
+        stats = proj(h0)
+        assert stats.converged and rel_dev(laws, mm, h0) <= DEV_TOL
+        assert (stats.relaxation > 1.0) == relax
+        rounds[relax] = stats.rounds
+    assert rounds[True] < rounds[False]
+
+
+def test_a_step_already_on_the_level_set_reads_nothing():
+    m, x, y, loss_fn, laws, _ = setup("mlp")
+    h0 = laws.evaluate(m)
+    params = dict(m.named_parameters())
+    _step(m, torch.optim.SGD(m.parameters(), lr=0.1), x, y, loss_fn)
+    proj = TensorProjector(laws, params, backend="eager")
+    assert proj(h0).rounds >= 1
+    snap = {n: p.detach().clone() for n, p in params.items()}
+    stats = proj(h0, values=laws.evaluate(m))
+    assert stats.rounds == 0 and stats.converged
+    assert all(torch.equal(p.detach(), snap[n]) for n, p in params.items())
+
+
+def test_non_contiguous_parameters_take_the_torch_apply():
+    m, x, y, loss_fn, laws, _ = setup("cnn-bn")
+    h0 = laws.evaluate(m)
+    _step(m, torch.optim.SGD(m.parameters(), lr=0.1), x, y, loss_fn)
+    a = copy.deepcopy(m)
+    b = copy.deepcopy(m).to(memory_format=torch.channels_last)
+    assert any(not p.is_contiguous() for p in b.parameters())
+    for model in (a, b):
+        stats = TensorProjector(laws, dict(model.named_parameters()), backend=BACKENDS[-1])(h0)
+        assert stats.converged and rel_dev(laws, model, h0) <= DEV_TOL
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pb, pa, rtol=1e-12, atol=1e-15, msg=n)
+
+
+def test_sgd_symmetry_projection_uses_it_and_reports_the_projected_values():
+    m, x, y, loss_fn, laws, _ = setup("attention")
+    h0 = laws.evaluate(m)
+    opt = consopt.SGD(m.parameters(), lr=0.05, momentum=0.9, laws=laws, projection="symmetry")
+    for _ in range(3):
+        _step(m, opt, x, y, loss_fn)
+        assert isinstance(opt._tensor_projector, TensorProjector)
+        assert opt.projection_stats.converged
+        sc = laws.scale(m)
+        vals = laws.evaluate(m)
+        for k, d in opt.deviation().items():  # deviation() = h(θ_t) − h(θ_0), re-evaluated in float64
+            assert float(((d - (vals[k] - h0[k])).abs() / sc[k].clamp_min(1e-300)).max()) <= 1e-12
+    state = copy.deepcopy(opt)  # a copy rebuilds its own projector on its own tensors
+    assert state._tensor_projector is None
+
+
+def test_lyapunov_cache_reuses_only_nearby_matrices():
+    g = torch.Generator().manual_seed(3)
+    B = torch.randn(5, 7, 11, generator=g, dtype=torch.float64)
+    S = B @ B.mT
+    R = torch.randn(5, 7, 7, generator=g, dtype=torch.float64)
+    R = R + R.mT
+    cache = {}
+    X, _ = _lyapunov(S, R, cache, 7)
+    torch.testing.assert_close(X @ S + S @ X, R, rtol=0, atol=1e-10 * float(R.abs().max()))
+    lam_ref = cache[7][1]
+    S2 = S * (1 + 1e-5)  # within the reuse radius: the cached basis, an inexact solve
+    X2, _ = _lyapunov(S2, R, cache, 7)
+    assert cache[7][1] is lam_ref
+    err = (X2 @ S2 + S2 @ X2 - R).abs().max() / R.abs().max()
+    assert 0 < float(err) <= 1e-4
+    S3 = S + 0.1 * torch.eye(7, dtype=torch.float64)  # far: decomposed again, exact
+    X3, _ = _lyapunov(S3, R, cache, 7)
+    assert cache[7][1] is not lam_ref
+    torch.testing.assert_close(X3 @ S3 + S3 @ X3, R, rtol=0, atol=1e-10 * float(R.abs().max()))
+
+
+# -- the native apply kernel -------------------------------------------------------------------
+SCALE_CASES = [((7,), (0,)), ((1,), (0,)), ((5, 3), (0, 1)), ((5, 3), (1,)), ((13, 2, 3, 3), (0, 1)),
+               ((4, 3, 5), (0, 2)), ((4, 3, 5), (2,)), ((97, 257), (0, 1)), ((3, 4, 5, 6), (1, 3)), ((0, 4), (0, 1)),
+               ((6, 1), (1,)), ((31, 7), ())]
+
+
+@pytest.mark.skipif(not HAVE_CXX, reason="no C++ compiler to build the native kernel")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_scale_apply_is_the_float64_product_rounded_once(dtype):
+    g = torch.Generator().manual_seed(11)
+    ps, ms, refs, specs, parts = [], [], [], [], [torch.ones(1, dtype=torch.float64)]
+    off = 1
+    for i, (shape, axes) in enumerate(SCALE_CASES):
+        p = torch.randn(shape, generator=g, dtype=dtype)
+        m = torch.randn(shape, generator=g, dtype=dtype) if i % 3 else None  # some without momentum
+        slots, rp, rm = [], p.double(), (m.double() if m is not None else None)
+        for a in axes:
+            f = torch.rand(shape[a], generator=g, dtype=torch.float64) + 0.5
+            parts.append(f)
+            slots.append((a, off))
+            off += shape[a]
+            view = [1] * len(shape)
+            view[a] = -1
+            rp = rp * f.view(view)
+            rm = rm * f.view(view) if rm is not None else None
+        ps.append(p)
+        ms.append(m)
+        specs.append((shape, slots))
+        refs.append((rp.to(dtype), rm.to(dtype) if rm is not None else None))
+    F = torch.cat(parts)
+    N.ScaleApply(specs).run(ps, ms, F)
+    for (shape, axes), p, m, (rp, rm) in zip(SCALE_CASES, ps, ms, refs):
+        assert torch.equal(p, rp), (shape, axes)
+        if m is not None:
+            assert torch.equal(m, rm), (shape, axes)
