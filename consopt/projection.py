@@ -144,31 +144,53 @@ def _rescale(p, c, h0):
     return torch.where(ok, torch.sqrt(torch.where(ok, u, torch.ones_like(u))), torch.ones_like(u)), ok
 
 
-_EIG_REUSE = 1e-3  # relative change of S up to which a cached eigendecomposition is reused
+_LYAP_INEXACT = 1e-3  # relative Lyapunov residual accepted from a cached eigenbasis (inexact Newton)
+
+
+def _lyap_basis(S):
+    """S's eigenbasis U and the tables of the Lyapunov operator's inverse in it: 1/(λ_i + λ_j)
+    (0 on dropped directions, λ_i + λ_j ≈ 0), the kept directions as 0/1, the dropped mask."""
+    lam, U = torch.linalg.eigh(S)
+    denom = lam[..., :, None] + lam[..., None, :]
+    tiny = denom.abs() <= 1e-12 * lam.abs().amax(-1).clamp_min(1e-300)[..., None, None]
+    keep = (~tiny).to(S.dtype)
+    return U, keep / torch.where(tiny, torch.ones_like(denom), denom), keep, tiny
+
+
+def _lyap_in_basis(basis, R):
+    """X with X S + S X = R in S's basis (`_lyap_basis`), and R rotated into it, dropped directions zeroed."""
+    U, inv, keep, _ = basis
+    Rt = U.mT @ R @ U
+    return U @ (Rt * inv) @ U.mT, Rt * keep
 
 
 def _lyapunov(S, R, cache: dict | None = None, key=None):
     """Solve X S + S X = R for symmetric X (S symmetric PSD; a batch [..., r, r] solves each).
     Directions with λ_i + λ_j ≈ 0 are dropped. Returns (X, the dropped directions' mask).
 
-    With `cache`, the eigendecomposition of an S within `_EIG_REUSE` (relative, Frobenius) of
-    the cached one is reused: X then solves X S' + S' X = R for that nearby S', an inexact Newton
-    step whose relative error (≤ 1e-3 × ‖X‖) the next round's residual absorbs."""
+    With `cache`, the eigenbasis of an earlier S (same key) preconditions a refinement
+    X ← X + L₀⁻¹(R − XS − SX) (L₀: the Lyapunov operator of the cached S, solved exactly in its
+    basis); it contracts by about ‖S − S₀‖·cond(S) / ‖S‖ per iteration, so a few iterations replace
+    one `eigh` while S moves slowly (rounds of one call, and steps). Accepted at a relative residual
+    ≤ `_LYAP_INEXACT` (an inexact Newton step: the next round's residual absorbs it), else S is
+    decomposed again; after two corrections the next solve decomposes (the basis follows S)."""
     hit = cache.get(key) if cache is not None else None
     if hit is not None and hit[0].shape == S.shape:
-        S_ref, lam, U = hit
-        change = ((S - S_ref).flatten(-2).norm(dim=-1) / S_ref.flatten(-2).norm(dim=-1).clamp_min(1e-300)).max()
-        if float(change) > _EIG_REUSE:
-            hit = None
-    if hit is None:
-        lam, U = torch.linalg.eigh(S)
-        if cache is not None:
-            cache[key] = (S, lam, U)
-    denom = lam[..., :, None] + lam[..., None, :]
-    tiny = denom.abs() <= 1e-12 * lam.abs().amax(-1).clamp_min(1e-300)[..., None, None]
-    Rt = U.mT @ R @ U
-    Xt = torch.where(tiny, torch.zeros_like(Rt), Rt / torch.where(tiny, torch.ones_like(denom), denom))
-    return U @ Xt @ U.mT, tiny
+        X, Rt = _lyap_in_basis(hit, R)
+        r0 = Rt.flatten(-2).norm(dim=-1).clamp_min(1e-300)
+        for it in range(4):
+            X = (X + X.mT) / 2
+            XS = X @ S
+            dX, Et = _lyap_in_basis(hit, R - (XS + XS.mT))  # S X = (X S)ᵀ for symmetric X, S
+            if float((Et.flatten(-2).norm(dim=-1) / r0).max()) <= _LYAP_INEXACT:
+                if it >= 2:  # S has moved away from the basis: decompose at the next solve
+                    del cache[key]
+                return X, hit[3]
+            X = X + dX
+    basis = _lyap_basis(S)
+    if cache is not None:
+        cache[key] = basis
+    return _lyap_in_basis(basis, R)[0], basis[3]
 
 
 def _matrix_step(s: _Slices, h0, euclid: bool):
@@ -1093,9 +1115,12 @@ class TensorProjector(_ColouredProjector):
       3. per tensor, every diagonal factor along its (at most two) axes in one pass, on the
          parameter and its momentum buffer: θ ← float64(θ)·f_a[i]·f_b[j] rounded once (the
          native `scale_apply` for contiguous float32/float64 CPU tensors, torch ops otherwise);
-         per (tensor, axis, slice pattern) of the matrix families one gather, one float64 bmm
-         with [A; A⁻ᵀ] and one scatter.
-    Translation families shift rows: one gather / add / scatter per term (a velocity does not change).
+         per (tensor, axis, slice pattern) of the matrix families x ← x + (G − I)x with G = A or
+         A⁻ᵀ, one bmm in x's dtype (a view where the slices are consecutive, else gather/scatter):
+         the correction (G − I)x is ~|X| smaller than x, so its own rounding is negligible and x
+         is rounded once, as by the float64 product.
+    Translation families shift slices: one gather / add / scatter per term (a velocity does not
+    change).
     Momentum buffers are passed per call (``proj(h0, buffers=...)``: name -> buffer).
     """
 
@@ -1109,9 +1134,6 @@ class TensorProjector(_ColouredProjector):
 
     def _key_shape(self, key) -> tuple:
         return tuple(self.params_by_name[key].shape)
-
-    def _excluded(self, f: Family, kind: str, fp) -> bool:
-        return kind == "shift" and any(axis != 0 for _, axis, _, _ in fp)  # shifts move rows
 
     def _make_stats(self, fams) -> _Stats:
         from .functional import LawEvaluator
@@ -1150,10 +1172,10 @@ class TensorProjector(_ColouredProjector):
         plan["shift_rows"] = []
         for f in [f for f in fams if _kind(f) == "shift"]:
             fp = self._fps[f.name]
-            widths = [math.prod(self._key_shape(name)[1:]) for name, *_ in fp]  # row length K
+            widths = [math.prod(self._key_shape(name)) // self._key_shape(name)[axis] for name, axis, _, _ in fp]
             n_el = sum(idx.shape[1] * w for (_, _, idx, _), w in zip(fp, widths))
             col = 0
-            for (name, _, idx, sign), K in zip(fp, widths):
+            for (name, axis, idx, sign), K in zip(fp, widths):
                 U, S = idx.shape
                 if f.form == "vector":  # row index[u, s] gets sign/U · D[off + col + s·K + k] at column k
                     d = T(do[f.name] + col + np.arange(S * K)).view(1, S, K)
@@ -1162,7 +1184,9 @@ class TensorProjector(_ColouredProjector):
                 else:  # unit u's function, spread evenly over its n_el elements
                     d = T(do[f.name] + np.arange(U)).view(U, 1, 1)
                     coef = sign / n_el
-                plan["shift_rows"].append((name, T(idx.reshape(-1)), (U, S, K), d, coef))
+                flat = idx.reshape(-1)
+                run = int(flat[0]) if flat.size and np.array_equal(flat, flat[0] + np.arange(flat.size)) else None
+                plan["shift_rows"].append((name, axis, T(flat), run, (U, S, K), d, coef))
 
     @torch.no_grad()
     def __call__(self, h0: dict, *, buffers: dict | None = None, **kw) -> ProjectionStats:
@@ -1199,27 +1223,40 @@ class TensorProjector(_ColouredProjector):
                     shape[a] = -1
                     y = y * F[o:o + x.shape[a]].view(shape)
                 x.copy_(y)
-        for name, idx, (U, S, K), d, coef in plan["shift_rows"]:  # momentum: a velocity, unchanged
-            x = self.params_by_name[name].detach()
-            y = x.index_select(0, idx).reshape(U, S, K).to(torch.float64) + coef * D[d]
-            x.index_copy_(0, idx, y.reshape((U * S,) + tuple(x.shape[1:])).to(x.dtype))
+        for name, axis, idx, run, (U, S, K), d, coef in plan["shift_rows"]:  # momentum: a velocity, unchanged
+            view = self.params_by_name[name].detach().movedim(axis, 0)
+            shift = (coef * D[d]).to(view.dtype)  # ~ the drift: small next to θ, rounded once in the add
+            if run is not None:  # consecutive slices: add on a view, no gather
+                try:
+                    blk = view[run:run + idx.numel()].view(U, S, K)
+                except RuntimeError:
+                    blk = None
+                if blk is not None:
+                    blk.add_(shift)
+                    continue
+            y = view.index_select(0, idx).reshape(U, S, K) + shift
+            view.index_copy_(0, idx, y.reshape((U * S,) + tuple(view.shape[1:])))
+        eye = {}
         for mm in plan["matmul"]:
-            g = G[mm["r"]][mm["sel"]]
+            r = mm["r"]
+            if r not in eye:
+                eye[r] = torch.eye(r, dtype=torch.float64, device=F.device)
+            g = G[r][mm["sel"]] - eye[r]  # x + (g − I) x in x's dtype: the small correction carries the rounding
             for x in (self.params_by_name[mm["name"]].detach(), self._bufs.get(mm["name"])):
                 if x is None:
                     continue
+                gx = g.to(x.dtype)
                 view = x.movedim(mm["axis"], 0)
                 if mm["run"] is not None:  # consecutive slices: act on a view, no gather
                     try:
-                        blk = view[mm["run"]:mm["run"] + mm["idx"].numel()].view(mm["n"], mm["r"], -1)
+                        blk = view[mm["run"]:mm["run"] + mm["idx"].numel()].view(mm["n"], r, -1)
                     except RuntimeError:  # trailing dimensions that do not merge into one
                         blk = None
                     if blk is not None:
-                        blk.copy_(g @ blk.to(torch.float64))
+                        blk.add_(gx @ blk)
                         continue
-                rest = view.shape[1:]
-                y = view.index_select(0, mm["idx"]).reshape(mm["n"], mm["r"], -1).to(torch.float64)
-                view.index_copy_(0, mm["idx"], (g @ y).reshape((-1,) + tuple(rest)).to(x.dtype))
+                y = view.index_select(0, mm["idx"]).reshape(mm["n"], r, -1)
+                view.index_copy_(0, mm["idx"], (y + gx @ y).reshape((-1,) + tuple(view.shape[1:])))
 
 
 def _native_scale_ok(p: torch.Tensor, m) -> bool:

@@ -187,25 +187,35 @@ def test_sgd_symmetry_projection_uses_it_and_reports_the_projected_values():
     assert state._tensor_projector is None
 
 
-def test_lyapunov_cache_reuses_only_nearby_matrices():
+def test_lyapunov_cache_refines_from_a_nearby_basis_and_redecomposes_far_ones(monkeypatch):
     g = torch.Generator().manual_seed(3)
     B = torch.randn(5, 7, 11, generator=g, dtype=torch.float64)
     S = B @ B.mT
     R = torch.randn(5, 7, 7, generator=g, dtype=torch.float64)
     R = R + R.mT
+    calls = []
+    eigh = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda A: (calls.append(1), eigh(A))[1])
     cache = {}
+
+    def check(S_, X, tol):
+        err = (X @ S_ + S_ @ X - R).abs().max() / R.abs().max()
+        assert float(err) <= tol
+        torch.testing.assert_close(X, X.mT, rtol=0, atol=1e-14 * float(X.abs().max()))
+
     X, _ = _lyapunov(S, R, cache, 7)
-    torch.testing.assert_close(X @ S + S @ X, R, rtol=0, atol=1e-10 * float(R.abs().max()))
-    lam_ref = cache[7][1]
-    S2 = S * (1 + 1e-5)  # within the reuse radius: the cached basis, an inexact solve
+    check(S, X, 1e-12)
+    assert len(calls) == 1
+    E = torch.randn(5, 7, 11, generator=g, dtype=torch.float64) * 0.02
+    S2 = (B + E) @ (B + E).mT  # a few per cent away: refined from the cached basis, no eigh
     X2, _ = _lyapunov(S2, R, cache, 7)
-    assert cache[7][1] is lam_ref
-    err = (X2 @ S2 + S2 @ X2 - R).abs().max() / R.abs().max()
-    assert 0 < float(err) <= 1e-4
-    S3 = S + 0.1 * torch.eye(7, dtype=torch.float64)  # far: decomposed again, exact
+    assert len(calls) == 1
+    check(S2, X2, 3e-3)
+    B3 = torch.randn(5, 7, 11, generator=g, dtype=torch.float64)
+    S3 = B3 @ B3.mT  # unrelated: decomposed again, exact
     X3, _ = _lyapunov(S3, R, cache, 7)
-    assert cache[7][1] is not lam_ref
-    torch.testing.assert_close(X3 @ S3 + S3 @ X3, R, rtol=0, atol=1e-10 * float(R.abs().max()))
+    assert len(calls) == 2
+    check(S3, X3, 1e-12)
 
 
 # -- the native apply kernel -------------------------------------------------------------------
