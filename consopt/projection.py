@@ -31,10 +31,16 @@ leaves momentum buffers as they are.
 A unit whose producer or consumer side is all zero (a dead unit) cannot be rescaled onto the
 level set: it is skipped and counted, never turned into NaN.
 
-`project` works on any parameter tensors, family by family (eager torch ops). `FlatProjector`
-is the same symmetry projection on the flat buffers of the fused path (`consopt.fused`), used by
-`consopt.SGD` there: statistics from the fused statistics kernels, the actions of all families
-of one colour at once, and one `triton_kernels.project` launch per buffer to apply them.
+`project` works on any parameter tensors, family by family (eager torch ops, plain Gauss–Seidel):
+the reference. `consopt.SGD(projection="symmetry")` runs the same actions batched by colours of
+families (`_ColouredProjector`: families of one colour share no parameter entry, so their actions
+are computed at once and commute), in over-relaxed Gauss–Seidel rounds:
+
+* `TensorProjector` on the parameter tensors (the CPU path, and CUDA off the fused path): the
+  statistics from one `LawEvaluator` pass per colour (the native C++ statistics on the CPU), one
+  native apply pass per tensor (`consopt.native.ScaleApply`), a bmm per matrix slice pattern;
+* `FlatProjector` on the flat buffers of the fused path (`consopt.fused`): the statistics from the
+  fused statistics kernels and one `triton_kernels.project` launch per buffer.
 """
 
 from __future__ import annotations

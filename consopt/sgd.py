@@ -169,8 +169,10 @@ class SGD(torch.optim.SGD):
             back onto {h = h(θ_0)} (``consopt.projection``): "symmetry" acts with each law's
             own symmetry group (the network's function is unchanged; momentum buffers are
             transported by the same action), "euclidean" takes the nearest point. Needs laws.
-            ``projection_stats`` holds the last projection's rounds, skipped (dead) units and
-            residual.
+            "symmetry" runs batched by colours of families in over-relaxed Gauss–Seidel rounds
+            (``TensorProjector``; ``FlatProjector`` on the fused path); "euclidean" is the
+            per-family reference ``project``. ``projection_stats`` holds the last projection's
+            rounds, skipped (dead) units, residual and over-relaxation factor.
         on_nonfinite ("propagate" | "raise"): "propagate" does what torch does with NaN/inf
             gradients; "raise" raises FloatingPointError naming the first parameter with a
             non-finite gradient, before any parameter, momentum buffer or tracking state changes.
