@@ -245,14 +245,23 @@ class ScaleApply:
                 fb.append(-1)
                 dims += [1, 1, 1, 1, math.prod(shape)]
         self.n = len(fa)
+        self.shapes = [tuple(shape) for shape, _ in specs]
         self._fa, self._fb, self._dims = _i64(fa), _i64(fb), _i64(dims)
+        self._f_need = max([o + shape[a] for shape, slots in specs for a, o in slots] or [0])  # entries of F read
 
     def run(self, ps, ms, F: Tensor) -> None:
         if self.n == 0:
             return
-        if F.dtype != torch.float64 or not F.is_contiguous() or F.device.type != "cpu":
-            raise ValueError("ScaleApply: F must be a contiguous float64 CPU tensor")
+        if F.dtype != torch.float64 or not F.is_contiguous() or F.device.type != "cpu" or F.numel() < self._f_need:
+            raise ValueError("ScaleApply: F must be a contiguous float64 CPU tensor holding every factor slot")
+        if len(ps) != self.n or len(ms) != self.n:
+            raise ValueError(f"ScaleApply: planned for {self.n} tensors, got {len(ps)} (momentum: {len(ms)})")
         dtype = ps[0].dtype
+        for p, m, shape in zip(ps, ms, self.shapes):  # the kernel writes through raw pointers: check all
+            if (tuple(p.shape) != shape or p.dtype != dtype or not can_scale(p)
+                    or (m is not None and (m.shape != p.shape or m.dtype != dtype or not can_scale(m)))):
+                raise ValueError(f"ScaleApply: a tensor of shape {tuple(p.shape)} ({p.dtype}) does not match the "
+                                 f"planned {shape} or is not a contiguous {dtype} CPU tensor (momentum likewise)")
         P = torch.tensor([p.data_ptr() for p in ps], dtype=torch.int64)
         M = torch.tensor([0 if m is None else m.data_ptr() for m in ms], dtype=torch.int64)
         rc = load().consopt_scale_apply(DTYPES[dtype], self.n, P.data_ptr(), M.data_ptr(), F.data_ptr(),
@@ -260,6 +269,7 @@ class ScaleApply:
                                         torch.get_num_threads())
         if rc != 0:
             raise NativeUnavailable(f"consopt_scale_apply returned {rc}")
+        torch.autograd.graph.increment_version([t for t in list(ps) + list(ms) if t is not None])
 
 
 class Layout:

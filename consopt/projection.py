@@ -181,7 +181,8 @@ def _lyapunov(S, R, cache: dict | None = None, key=None):
     ≤ `_LYAP_INEXACT` (an inexact Newton step: the next round's residual absorbs it), else S is
     decomposed again; after two corrections the next solve decomposes (the basis follows S)."""
     hit = cache.get(key) if cache is not None else None
-    if hit is not None and hit[0].shape == S.shape:
+    if hit is not None and hit[0].shape == S.shape and not bool(hit[3].any()):
+        # (a basis with dropped directions cannot tell whether S has gained them back: decompose)
         X, Rt = _lyap_in_basis(hit, R)
         r0 = Rt.flatten(-2).norm(dim=-1).clamp_min(1e-300)
         for it in range(4):
@@ -480,6 +481,48 @@ def _as_strided(q: np.ndarray, bases: list):
     return (len(grid), n, r, S), (sl, sb, si, sj), int(b[0])
 
 
+class _Relaxation:
+    """The over-relaxation factor ω of each round of one projection call, from the residuals
+    measured after each round (`_ColouredProjector` docstring).
+
+    plain: ω = 1 while two successive rounds of this phase contract alike (rate ρ, from three
+      residuals), then ω = 2 / (1 + √(1 − ρ)) ("estimated");
+    carried: the (ω, ρ) of the last converged call, from the second round; dropped for a fresh
+      estimate as soon as a round grows or contracts worse than ρ (the rate has changed);
+    estimated: kept unless the residual grows twice in a row ("off": ω = 1 to the end).
+    """
+
+    def __init__(self, enabled: bool, carried):
+        self.enabled = enabled
+        self.carried = carried  # (ω, ρ) or None
+        self.omega, self.rho = 1.0, None
+        self.mode = "plain"
+        self.start = 0  # index in the history where the current phase began
+
+    def next(self, history: list) -> float:
+        if not self.enabled or self.mode == "off":
+            return 1.0
+        n = len(history)
+        if self.mode == "plain":
+            if n == 1 and self.carried is not None:
+                (self.omega, self.rho), self.mode, self.start = self.carried, "carried", n
+                return self.omega
+            h = history[self.start:]
+            if len(h) >= 3:
+                r1, r2 = h[-2] / h[-3], h[-1] / h[-2]
+                if 0.1 < r2 < 0.95 and abs(r2 - r1) <= 0.2 * r2:  # a steady Gauss–Seidel rate ρ = r2
+                    self.omega, self.rho = 2.0 / (1.0 + math.sqrt(1.0 - r2)), r2
+                    self.mode, self.start = "estimated", n
+            return self.omega
+        k = n - self.start  # rounds measured under this ω
+        grew = k >= 1 and history[-1] > history[-2]
+        if self.mode == "carried" and (grew or (k >= 2 and history[-1] > self.rho * history[-2])):
+            self.mode, self.omega, self.rho, self.start = "plain", 1.0, None, n  # estimate afresh
+        elif self.mode == "estimated" and grew and k >= 2 and history[-2] > history[-3]:
+            self.mode, self.omega = "off", 1.0
+        return self.omega
+
+
 class _ColouredProjector:
     """The symmetry projection by colours of families, shared by `FlatProjector` (the fused
     path's flat buffers and Triton kernels) and `TensorProjector` (the parameter tensors
@@ -494,7 +537,8 @@ class _ColouredProjector:
     (diagonal: a ← a^ω, matrix: A = I + ωX) with ω = 2 / (1 + √(1 − ρ)) from the measured
     Gauss–Seidel rate ρ (Young's optimum for consistently ordered systems) cuts the rounds by
     about 2× (e.g. ρ = 0.45 → 0.15 per round on the Transformer of benchmarks/bench_cpu.py).
-    ρ is taken once two successive rounds contract alike; ω returns to 1 if the residual grows.
+    ρ is taken once two successive rounds contract alike, and carried to the next call while it
+    fits (`_Relaxation`).
     """
 
     relax = True  # over-relax the rounds once their rate is measured
@@ -505,7 +549,7 @@ class _ColouredProjector:
         self.values: dict | None = None
         self._h0_key = None
         self._last = None  # (scale, ok) of the last measured call: the skip test of the next one
-        self._omega = 1.0  # the over-relaxation the last call ended with
+        self._carry = None  # (ω, ρ) the last converged call ended with (`_Relaxation`)
         names = laws.param_names
         self._dev = self.params_by_name[names[0]].device if names else torch.device("cpu")
         self._build()
@@ -787,7 +831,8 @@ class _ColouredProjector:
         ok = torch.ones(self._n_units, dtype=torch.bool, device=dev)
         history = []
         scale = None
-        omega, relaxed = 1.0, False
+        sor = _Relaxation(self.relax, self._carry)
+        omega = 1.0
         for rnd in range(max_rounds + 1):
             v = self._measure.values()
             S = v[self._ip] + v[self._ic]
@@ -809,7 +854,7 @@ class _ColouredProjector:
                 history.append(res)
                 if len(history) >= 4 and history[-1] > 0.9 * history[-4]:
                     break  # stagnating at the storage precision
-                omega, relaxed = self._relaxation(history, omega, relaxed)
+                omega = sor.next(history)
             for ci, plan in enumerate(self._plans):
                 self._apply(plan, *self._actions(plan, v if ci == 0 else plan["stats"].values(), H0, ok, omega))
             if self._fallback_fams:
@@ -825,29 +870,11 @@ class _ColouredProjector:
         stats.converged = stats.max_residual <= tol
         stats.relaxation = omega
         if stats.rounds > 0:
-            self._omega = omega if stats.converged else 1.0
+            self._carry = (sor.omega, sor.rho) if stats.converged and sor.omega > 1.0 else None
         self.values = {f.name: H[self._meas_off[f.name]:self._meas_off[f.name] + math.prod(self._shape[f.name])]
                        .view(self._shape[f.name]) for f in laws.families}
         self._last = (scale, ok) if scale is not None else None
         return stats
-
-    def _relaxation(self, history: list, omega: float, relaxed: bool) -> tuple:
-        """(ω, whether it was ever raised) for the next round from the residuals after each round.
-        A call starts where the last one's rate left off: its ω from the second round."""
-        if not self.relax:
-            return 1.0, relaxed
-        if len(history) == 1 and self._omega > 1.0:
-            return self._omega, True
-        if omega > 1.0:
-            if history[-1] > history[-2] and history[-2] > history[-3]:
-                return 1.0, True  # growing twice in a row: plain Gauss–Seidel from here on
-            return omega, relaxed
-        if relaxed or len(history) < 3:
-            return omega, relaxed
-        r1, r2 = history[-2] / history[-3], history[-1] / history[-2]
-        if 0.1 < r2 < 0.95 and abs(r2 - r1) <= 0.2 * r2:  # a steady Gauss–Seidel rate ρ = r2
-            return 2.0 / (1.0 + math.sqrt(1.0 - r2)), True
-        return omega, relaxed
 
     def _actions(self, plan: dict, v: torch.Tensor, H0: torch.Tensor, ok: torch.Tensor, omega: float = 1.0):
         """(F, G, D) of one colour's families from statistics `v`: the diagonal factors
@@ -873,9 +900,16 @@ class _ColouredProjector:
             R = (R + R.mT) / 2
             S = P + C
             X, tiny = _lyapunov((S + S.mT) / 2, R, plan.setdefault("eig", {}), r)
-            A = torch.eye(r, dtype=torch.float64, device=dev) + (X if omega == 1.0 else omega * X)
-            G[r] = torch.cat([A, torch.linalg.inv_ex(A).inverse.mT])  # producers: A, consumers: A⁻ᵀ
-            ok[m["ok"]] = ~tiny.flatten(1).any(1)
+            eye = torch.eye(r, dtype=torch.float64, device=dev)
+            A = eye + (X if omega == 1.0 else omega * X)
+            inv = torch.linalg.inv_ex(A)
+            Ainv = inv.inverse.mT
+            # a singular or non-finite step is not taken (the family is skipped this round)
+            bad = (inv.info != 0) | ~torch.isfinite(A).flatten(1).all(1) | ~torch.isfinite(Ainv).flatten(1).all(1)
+            A = torch.where(bad[:, None, None], eye, A)
+            Ainv = torch.where(bad[:, None, None], eye, Ainv)
+            G[r] = torch.cat([A, Ainv])  # producers: A, consumers: A⁻ᵀ
+            ok[m["ok"]] = ~tiny.flatten(1).any(1) & ~bad
         D = None
         if plan["shift"] is not None:
             D = H0[plan["shift"]["h0"]] - v[plan["shift"]["v"]]
@@ -1140,6 +1174,25 @@ class TensorProjector(_ColouredProjector):
 
     def _key_shape(self, key) -> tuple:
         return tuple(self.params_by_name[key].shape)
+
+    def _build(self):
+        super()._build()
+        self._devices = {n: self.params_by_name[n].device for n in self.laws.param_names}
+
+    def _current(self):
+        """A law parameter of another shape is an error (the laws no longer describe it); one moved
+        to another device rebuilds the tables there."""
+        shapes = self.laws.param_shapes
+        for n in self.laws.param_names:
+            p = self.params_by_name[n]
+            if tuple(p.shape) != tuple(shapes[n]):
+                raise ValueError(f"law parameter {n!r} has shape {tuple(p.shape)}, but the laws were found for "
+                                 f"{tuple(shapes[n])}: find the laws again for the changed model")
+        if any(self.params_by_name[n].device != d for n, d in self._devices.items()):
+            names = self.laws.param_names
+            self._dev = self.params_by_name[names[0]].device
+            self._h0_key, self._last, self._carry = None, None, None
+            self._build()
 
     def _make_stats(self, fams) -> _Stats:
         from .functional import LawEvaluator

@@ -253,3 +253,90 @@ def test_scale_apply_is_the_float64_product_rounded_once(dtype):
         assert torch.equal(p, rp), (shape, axes)
         if m is not None:
             assert torch.equal(m, rm), (shape, axes)
+
+
+# -- review fixes: relaxation carried across calls, stale bases, changed tensors ----------------
+def test_relaxation_estimates_carries_and_drops_omega():
+    from consopt.projection import _Relaxation
+
+    sor = _Relaxation(True, None)
+    assert sor.next([1e-2]) == 1.0 and sor.next([1e-2, 5e-3]) == 1.0
+    omega = sor.next([1e-2, 5e-3, 2.5e-3])  # steady rate 0.5: Young's ω
+    assert abs(omega - 2 / (1 + 0.5 ** 0.5)) < 1e-12 and sor.mode == "estimated"
+    assert sor.next([1e-2, 5e-3, 2.5e-3, 3e-3]) == omega  # one growth is tolerated
+    assert sor.next([1e-2, 5e-3, 2.5e-3, 3e-3, 4e-3]) == 1.0 and sor.mode == "off"  # two: plain to the end
+    carried = _Relaxation(True, (1.5, 0.3))
+    assert carried.next([1e-3]) == 1.5
+    assert carried.next([1e-3, 2e-3]) == 1.0 and carried.mode == "plain"  # it grew: estimate afresh
+    assert carried.next([1e-3, 2e-3, 1e-3, 5e-4]) == 1.0
+    assert carried.next([1e-3, 2e-3, 1e-3, 5e-4, 2.5e-4]) > 1.0 and carried.mode == "estimated"
+    slow = _Relaxation(True, (1.5, 0.3))
+    slow.next([1e-3])
+    slow.next([1e-3, 8e-4])
+    assert slow.next([1e-3, 8e-4, 7e-4]) == 1.0  # contracting worse than the carried ρ: dropped
+    assert _Relaxation(False, (1.5, 0.3)).next([1e-3]) == 1.0
+
+
+@pytest.mark.parametrize("name", ["residual", "mlp"])
+def test_large_steps_with_momentum_stay_on_the_level_set(name):
+    """Large steps change the rate between calls: the carried ω is dropped, never a crash."""
+    m, x, y, loss_fn, laws, _ = setup(name)
+    h0 = laws.evaluate(m)
+    opt = consopt.SGD(m.parameters(), lr=0.3, momentum=0.9, laws=laws, projection="symmetry")
+    for _ in range(6):
+        _step(m, opt, x, y, loss_fn)
+        assert opt.projection_stats.converged
+        assert rel_dev(laws, m, h0) <= DEV_TOL
+
+
+def test_lyapunov_never_refines_from_a_basis_with_dropped_directions():
+    g = torch.Generator().manual_seed(5)
+    B = torch.randn(2, 6, 3, generator=g, dtype=torch.float64)
+    S_low = B @ B.mT  # rank 3 of 6: directions dropped
+    R = torch.randn(2, 6, 6, generator=g, dtype=torch.float64)
+    R = R + R.mT
+    cache = {}
+    _, tiny = _lyapunov(S_low, R, cache, 6)
+    assert bool(tiny.any())
+    B2 = torch.randn(2, 6, 9, generator=g, dtype=torch.float64)
+    S = S_low + 1e-3 * (B2 @ B2.mT)  # nearby, but every direction back
+    X, tiny = _lyapunov(S, R, cache, 6)
+    assert not bool(tiny.any())
+    err = (X @ S + S @ X - R).abs().max() / R.abs().max()
+    assert float(err) <= 1e-8
+
+
+def test_a_law_parameter_of_another_shape_is_an_error_before_the_step():
+    m, x, y, loss_fn, laws, _ = setup("mlp")
+    h0 = laws.evaluate(m)
+    opt = consopt.SGD(m.parameters(), lr=0.1, momentum=0.9, laws=laws, projection="symmetry")
+    for _ in range(2):
+        _step(m, opt, x, y, loss_fn)
+    proj = TensorProjector(laws, dict(m.named_parameters()), backend=BACKENDS[-1])
+    m[0].weight.data = m[0].weight.data[:, :2].contiguous()
+    m[0].weight.grad = None
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    bufs = {n: opt.state[p]["momentum_buffer"].clone() for n, p in m.named_parameters()}
+    with pytest.raises(ValueError, match="0.weight"):
+        opt.step()
+    for n, p in m.named_parameters():
+        assert torch.equal(p.detach(), before[n]) and torch.equal(opt.state[p]["momentum_buffer"], bufs[n])
+    with pytest.raises(ValueError, match="0.weight"):  # the projector alone checks too
+        proj(h0)
+
+
+@pytest.mark.skipif(not HAVE_CXX, reason="no C++ compiler to build the native kernel")
+def test_scale_apply_checks_its_tensors_and_bumps_versions():
+    p = torch.randn(5, 3)
+    F = torch.rand(9, dtype=torch.float64) + 0.5
+    sa = N.ScaleApply([((5, 3), [(0, 1), (1, 6)])])
+    v = p._version
+    sa.run([p], [None], F)
+    assert p._version > v
+    for bad in ([torch.randn(3, 5)], [torch.randn(3, 5).t()], [torch.randn(5, 3, dtype=torch.float16)]):
+        with pytest.raises(ValueError):
+            sa.run(bad, [None], F)
+    with pytest.raises(ValueError):
+        sa.run([p], [torch.randn(5, 4)], F)  # a momentum buffer of another shape
+    with pytest.raises(ValueError):
+        sa.run([p], [None], F[:8])  # F without every slot
