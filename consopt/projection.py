@@ -633,6 +633,13 @@ class _ColouredProjector:
     about 2× (e.g. ρ = 0.45 → 0.15 per round on the Transformer of benchmarks/bench_cpu.py).
     ρ is taken once two successive rounds contract alike, and carried to the next call while it
     fits (`_Relaxation`).
+
+    Diagonal families share the first colour when no slot is owned twice and no tensor is scaled
+    along more than two axes (`joint_diag`); in the first round of a call they are solved together
+    (`_joint_rescale`: Newton on the unit log-scales, the tensors scaled along two axes coupling
+    them through their per-slot sums of squares), later rounds use the per-unit closed form. A
+    chain of rescale laws (an MLP, a LayerNorm feeding an MLP) then lands in one round instead of
+    converging at the rate of its coupling.
     """
 
     relax = True  # over-relax the rounds once their rate is measured
@@ -1313,7 +1320,8 @@ class TensorProjector(_ColouredProjector):
          their split halves — with ``backend="native"`` one C++ pass over the tensors (sums,
          sums of squares, the Grams of aligned unit groups, `consopt.native`), else chunked
          float64 torch ops; colour 0 measures every family (residual, and h at the result);
-      2. the actions on tiny tensors (`_ColouredProjector._actions`);
+      2. the actions on tiny tensors (`_ColouredProjector._actions`; the coupled diagonal
+         families jointly in the first round);
       3. per tensor, every diagonal factor along its (at most two) axes in one pass, on the
          parameter and its momentum buffer: θ ← float64(θ)·f_a[i]·f_b[j] rounded once (the
          native `scale_apply` for contiguous float32/float64 CPU tensors, torch ops otherwise);
