@@ -534,9 +534,11 @@ class _Stats:
             n += math.prod(f.shape(laws.param_shapes))
         self.zero = n  # values() appends one 0 here: the consumer side of a family without one
 
-    def values(self) -> torch.Tensor:
-        """float64 [n + 1]: every split family's values, concatenated, then 0."""
-        vals = self.evaluate()
+    def values(self, stats: dict | None = None) -> torch.Tensor:
+        """float64 [n + 1]: every split family's values, concatenated, then 0. `stats`: the
+        statistics {(name, op, axis): tensor} of the current parameters, already computed (a
+        `LawEvaluator`'s `values_from_stats`; Gram matrices are formed from the parameters)."""
+        vals = self.evaluate() if stats is None else self.evaluate.values_from_stats(stats)
         z = torch.zeros(1, dtype=torch.float64, device=self.device)
         return torch.cat([vals[n].reshape(-1) for n in self.names] + [z])
 
@@ -682,6 +684,10 @@ class _ColouredProjector:
 
     def _current(self) -> None:
         """Rebuild the tables if the parameters' storage changed."""
+
+    def _first_measurement(self) -> torch.Tensor:
+        """The statistics of every family at the start of a call."""
+        return self._measure.values()
 
     # -- construction ----------------------------------------------------------------------
     def _T(self, a) -> torch.Tensor:
@@ -983,7 +989,7 @@ class _ColouredProjector:
         sor = _Relaxation(self.relax, self._carry)
         omega = 1.0
         for rnd in range(max_rounds + 1):
-            v = self._measure.values()
+            v = self._first_measurement() if rnd == 0 else self._measure.values()
             S = v[self._ip] + v[self._ic]
             H = v[self._ip] - v[self._ic]
             if scale is None:  # Σ |terms| at the start of the call, as project() measures it
@@ -1337,6 +1343,7 @@ class TensorProjector(_ColouredProjector):
     def __init__(self, laws: LawSet, params_by_name, *, backend: str = "eager"):
         self.backend = backend
         self._bufs: dict = {}
+        self._given = None  # statistics handed to this call (`__call__`'s stats)
         super().__init__(laws, params_by_name)
 
     def _key(self, name):
@@ -1418,10 +1425,22 @@ class TensorProjector(_ColouredProjector):
                 plan["shift_rows"].append((name, axis, T(flat), run, (U, S, K), d, coef))
 
     @torch.no_grad()
-    def __call__(self, h0: dict, *, buffers: dict | None = None, **kw) -> ProjectionStats:
-        """As `_ColouredProjector.__call__`; `buffers`: name -> momentum buffer, moved with it."""
+    def __call__(self, h0: dict, *, buffers: dict | None = None, stats: dict | None = None, **kw) -> ProjectionStats:
+        """As `_ColouredProjector.__call__`; `buffers`: name -> momentum buffer, moved with it;
+        `stats`: the statistics {(name, op, axis): tensor} of the current parameters that the
+        native step formed (`consopt.native`): the first measurement then reads no parameter
+        (their Gram matrices are left out: those families are formed from the parameters)."""
         self._bufs = {n: b for n, b in (buffers or {}).items() if n in self.params_by_name and b is not None}
+        self._given = None
+        if stats is not None:
+            need = {(n, op, a) for n, spec in self._measure.evaluate._stats.items() for op, a in spec.keys()}
+            if need.issubset(stats):
+                self._given = {k: stats[k] for k in need}
         return super().__call__(h0, **kw)
+
+    def _first_measurement(self):
+        given, self._given = self._given, None
+        return self._measure.values(given) if given is not None else self._measure.values()
 
     def _apply(self, plan: dict, F: torch.Tensor, G: dict, D) -> None:
         by_dtype, slow = {}, []

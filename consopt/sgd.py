@@ -233,6 +233,7 @@ class SGD(torch.optim.SGD):
         self._cpu_update = None  # consopt.compiled_update.CompiledUpdate (tracking_backend="compile")
         self._native = None  # consopt.native.NativeStep (tracking_backend="native")
         self._native_checked = False
+        self._step_stats = None  # the native step's statistics of the current parameters
         if laws is not None:
             self._tracker = _LawTracker(laws, self._bind(laws))
             from .native import available as native_available
@@ -297,6 +298,7 @@ class SGD(torch.optim.SGD):
         d["_fused_ok"] = False
         d["_projector"] = None
         d["_tensor_projector"] = None
+        d["_step_stats"] = None
         d["_cpu_update"] = None
         d["_native"] = None
         d["_native_checked"] = False
@@ -334,6 +336,7 @@ class SGD(torch.optim.SGD):
         # Dispatch point: the PyTorch path today; a fused kernel (update + law statistics in
         # one pass) slots in here and returns the new law values itself.
         values = None
+        self._step_stats = None
         if self._step_impl() == "fused":
             values = self._fused_step()
             if values is _FALLBACK:
@@ -379,7 +382,9 @@ class SGD(torch.optim.SGD):
             proj = self._tensor_projector
             if proj is None or proj.backend != backend:
                 proj = self._tensor_projector = TensorProjector(self.laws, tensors, backend=backend)
-            self.projection_stats = proj(self._tracker.h0, buffers=buffers, values=values)
+            stats, self._step_stats = self._step_stats, None
+            self.projection_stats = proj(self._tracker.h0, buffers=buffers, values=values,
+                                         stats=stats if values is not None else None)
             return proj.values
         self.projection_stats = project(self.laws, tensors, self._tracker.h0, self.projection, buffers=buffers)
         return None  # re-evaluated by the tracker
@@ -587,6 +592,7 @@ class SGD(torch.optim.SGD):
         stats = self._native.collect(ev.tensors, where)
         if not stats and self._native.needs:
             return None  # updated; a law tensor it cannot read: evaluated when read
+        self._step_stats = stats  # (the projection's first measurement; views, valid until the next call)
         values = ev.values_from_stats(stats)
         if not self._native_checked:  # once: the values against the evaluator's own pass
             self._native_checked = True

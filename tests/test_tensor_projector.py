@@ -392,3 +392,45 @@ def test_mlp_chain_lands_in_one_round_and_the_parameters_are_not_touched_by_the_
         assert stats.converged and rel_dev(laws, mm, h0) <= DEV_TOL
         rounds[joint] = stats.rounds
     assert rounds[True] == 1 < rounds[False]
+
+
+@pytest.mark.skipif(not HAVE_CXX, reason="no C++ compiler to build the native kernel")
+@pytest.mark.parametrize("name", ["mlp", "attention", "cnn-bn"])
+def test_the_first_measurement_reuses_the_native_steps_statistics(name, monkeypatch):
+    """The native step's statistics of the updated parameters are the projection's first
+    measurement (no statistics pass), with bitwise the same result as measuring again."""
+    import consopt.projection as PP
+
+    m, x, y, loss_fn, laws, _ = setup(name)
+    m = m.float()
+    x = x.float() if x.is_floating_point() else x
+    y = y.float() if y.is_floating_point() else y
+    laws = consopt.find_laws(m, (x,), loss=CASES[name][5])
+    given = []
+    values = PP._Stats.values
+
+    def spy(self, stats=None):
+        given.append(stats is not None)
+        return values(self, stats)
+
+    monkeypatch.setattr(PP._Stats, "values", spy)
+    runs = []
+    for reuse in (True, False):
+        mm = copy.deepcopy(m)
+        opt = consopt.SGD(mm.parameters(), lr=0.05, momentum=0.9, laws=copy.deepcopy(laws).bind(mm),
+                          projection="symmetry")
+        assert opt.tracking_backend == "native"
+        if not reuse:
+            project = opt._project
+
+            def measured_again(values=None, project=project, opt=opt):
+                opt._step_stats = None
+                return project(values)
+
+            opt._project = measured_again
+        given.clear()
+        for _ in range(3):
+            _step(mm, opt, x, y, loss_fn)
+        assert any(given) == reuse  # (the first step has no momentum: torch's update, no statistics)
+        runs.append([p.detach().clone() for p in mm.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
