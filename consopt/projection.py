@@ -153,96 +153,127 @@ def _rescale(p, c, h0):
 _LYAP_INEXACT = 1e-3  # relative Lyapunov residual accepted from a cached eigenbasis (inexact Newton)
 
 
-def _joint_rescale(p, c, h0, couplings, tol: float = 1e-14, newton: int = 8):
+def _joint_rescale(p, c, h0, couplings, tol: float = 1e-14, newton: int = 30):
     """The rescale actions of coupled diagonal families at once: log-scales d (a = e^d per unit)
     with h(d) = h₀, by Newton's method (preconditioned conjugate gradients inside) on the unit scales.
 
     A unit's producer sum p and consumer sum c split into the parts in tensors scaled along one
     axis only (they move as e^{±2d_u}) and the parts in `couplings`, tensors scaled along two
-    axes by different units (a layer's rows by its units, its columns by the previous layer's).
+    axes (a layer's rows by its units, its columns by the previous layer's, or both by one family).
     Each coupling is (Q, ua, sa, ub, sb), batched over k tensors of one shape: Q [k, n_a, n_b] the
-    sums of squares of a tensor's entries per (slot i of axis a, slot j of axis b), ua / ub the
-    unit owning each slot (−1: none), sa / sb its sign (+1 producer, −1 consumer, 0 none). Entry
-    (i, j) moves by e^{2 sa_i d(ua_i) + 2 sb_j d(ub_j)}, so h_u = (own-axis parts) + Σ σ · (a row or
-    column sum of the weighted Q). The Jacobian is the Hessian of the convex potential
-    ½‖g·θ‖² − ⟨h₀, d⟩, so Newton converges quadratically where Gauss–Seidel over the units
-    converges linearly at the rate the couplings set (ρ ≈ 0.46 for a LayerNorm feeding an MLP).
-    Stops at max |h − h₀| / (p + c) ≤ tol; conjugate gradients stop at a residual ≤ 1e-3 of
-    Newton's (inexact Newton) or ≤ tol / 10. Units with no positive root (`_rescale`'s ok) keep
-    d = 0. Returns (a, ok)."""
-    _, ok = _rescale(p, c, h0)
+    squares of a tensor's entries summed per (slot i of axis a, slot j of axis b), in float32 or
+    float64; ua / ub the unit owning each slot (−1: none), sa / sb its sign (+1 producer, −1
+    consumer, 0 none). Entry (i, j) moves by e^{2 sa_i d(ua_i) + 2 sb_j d(ub_j)}, so h_u = (own-axis
+    parts) + Σ σ · (a row or column sum of the weighted Q); the sums are taken as the exact float64
+    marginals of Q plus Q times (weight − 1), so Q's own precision only touches the correction.
+    The Jacobian is the Hessian of the convex potential ½‖g·θ‖² − ⟨h₀, d⟩, so Newton converges
+    quadratically where Gauss–Seidel over the units converges linearly at the rate the couplings
+    set (ρ ≈ 0.46 for a LayerNorm feeding an MLP). Each Newton step is scaled as a whole to
+    |Δd| ≤ 0.5 and halved while it does not lower max |h − h₀| / (p + c); the iteration stops at
+    `tol`. Conjugate gradients stop at a residual ≤ 1e-3 of Newton's (inexact Newton) or ≤ tol / 10.
+    Units with no positive root (`_rescale`'s ok) keep d = 0. Returns (a, ok); if the solve does
+    not lower the residual, `_rescale`'s per-unit closed form instead."""
+    a_sep, ok = _rescale(p, c, h0)
     n = p.numel()
     if n == 0:
-        return torch.ones_like(p), ok
+        return a_sep, ok
     dev = p.device
     # all couplings' owned slots as one scatter: (unit, sign) per slot, axis a then b of each batch
-    idx = [torch.cat([ua.reshape(-1), ub.reshape(-1)]) for _, ua, _, ub, _ in couplings]
-    sgn = [torch.cat([sa.reshape(-1), sb.reshape(-1)]) for _, _, sa, _, sb in couplings]
-    own = [u >= 0 for u in idx]
-    tgt = torch.cat([u[o] for u, o in zip(idx, own)])
+    sgn, pos, tgt = [], [], []
+    for _, ua, sa, ub, sb in couplings:
+        u = torch.cat([ua.reshape(-1), ub.reshape(-1)])
+        sgn.append(torch.cat([sa.reshape(-1), sb.reshape(-1)]))
+        pos.append(torch.nonzero(u >= 0).reshape(-1))  # index tensors: no boolean masks (no syncs)
+        tgt.append(u.index_select(0, pos[-1]))
+    tgt = torch.cat(tgt)
 
     def scatter(vals):  # Σ over the owned slots of each coupling into the units
         out = torch.zeros(n, dtype=torch.float64, device=dev)
-        return out.index_add_(0, tgt, torch.cat([v.reshape(-1)[o] for v, o in zip(vals, own)]))
+        return out.index_add_(0, tgt, torch.cat([v.reshape(-1).index_select(0, q) for v, q in zip(vals, pos)]))
 
-    rows0 = [torch.cat([Q.sum(2).reshape(-1), Q.sum(1).reshape(-1)]) for Q, *_ in couplings]
+    def mv(Q, w):  # Q [k, na, nb] @ w [k, nb] in Q's dtype, returned in float64
+        return (Q @ w.to(Q.dtype)[..., None])[..., 0].to(torch.float64)
+
+    def vm(w, Q):  # w [k, na] @ Q
+        return (w.to(Q.dtype)[:, None, :] @ Q)[:, 0].to(torch.float64)
+
+    marg = [(Q.sum(2, dtype=torch.float64), Q.sum(1, dtype=torch.float64)) for Q, *_ in couplings]
+    rows0 = [torch.cat([ra.reshape(-1), rb.reshape(-1)]) for ra, rb in marg]
     pq = scatter([torch.where(sg > 0, r, torch.zeros_like(r)) for r, sg in zip(rows0, sgn)])
     cq = scatter([torch.where(sg < 0, r, torch.zeros_like(r)) for r, sg in zip(rows0, sgn)])
     p1, c1 = (p - pq).clamp_min(0), (c - cq).clamp_min(0)  # the own-axis parts
     scale = (p + c).clamp_min(1e-300)
     okf = ok.to(torch.float64)
-    d = torch.zeros(n, dtype=torch.float64, device=dev)
 
-    def weights(d):
-        out = []
-        for Q, ua, sa, ub, sb in couplings:
+    def state(d):
+        """weights, the coupled row / column sums, h and the diagonal parts of the Jacobian at d."""
+        ws = []
+        for (Q, ua, sa, ub, sb), (ra, rb) in zip(couplings, marg):
             wa = torch.exp(2 * sa * d[ua.clamp_min(0)])  # sa = 0 where unowned: weight 1
             wb = torch.exp(2 * sb * d[ub.clamp_min(0)])
-            out.append((wa, wb, (Q @ wb[..., None])[..., 0], (wa[:, None, :] @ Q)[:, 0]))
-        return out
+            ws.append((wa, wb, ra + mv(Q, wb - 1), rb + vm(wa - 1, Q)))
+        e = torch.exp(2 * d)
+        terms = [torch.cat([(wa * qwb).reshape(-1), (wb * qwa).reshape(-1)]) for wa, wb, qwb, qwa in ws]
+        h = p1 * e - c1 / e + scatter([sg * t for sg, t in zip(sgn, terms)])
+        own = 2 * (p1 * e + c1 / e)
+        return ws, h, own, own + scatter([2 * t for t in terms])
 
-    def jv(v, ws, diag_own):
+    def jv(v, ws, own):
         vals = []
         for (Q, ua, sa, ub, sb), (wa, wb, qwb, qwa) in zip(couplings, ws):
             dwa = 2 * sa * v[ua.clamp_min(0)] * wa
             dwb = 2 * sb * v[ub.clamp_min(0)] * wb
-            qda, qdb = (Q @ dwb[..., None])[..., 0], (dwa[:, None, :] @ Q)[:, 0]
-            vals.append(torch.cat([(2 * v[ua.clamp_min(0)] * wa * qwb + sa * wa * qda).reshape(-1),
-                                   (2 * v[ub.clamp_min(0)] * wb * qwa + sb * wb * qdb).reshape(-1)]))
-        return diag_own * v + scatter(vals)
+            vals.append(torch.cat([(2 * v[ua.clamp_min(0)] * wa * qwb + sa * wa * mv(Q, dwb)).reshape(-1),
+                                   (2 * v[ub.clamp_min(0)] * wb * qwa + sb * wb * vm(dwa, Q)).reshape(-1)]))
+        return own * v + scatter(vals)
 
-    for _ in range(newton):
-        ws = weights(d)
-        e = torch.exp(2 * d)
-        diag_own = 2 * (p1 * e + c1 / e)
-        terms = [torch.cat([(wa * qwb).reshape(-1), (wb * qwa).reshape(-1)]) for wa, wb, qwb, qwa in ws]
-        h = p1 * e - c1 / e + scatter([sg * t for sg, t in zip(sgn, terms)])
-        diag = diag_own + scatter([2 * t for t in terms])
+    def residual(h):
         r = (h0 - h) * okf
-        res = float((r.abs() / scale).max())
+        return r, float((r.abs() / scale).max())
+
+    d = torch.zeros(n, dtype=torch.float64, device=dev)
+    ws, h, own, diag = state(d)
+    r, res = residual(h)
+    res0 = res
+    for _ in range(newton):
         if res <= tol:
             break
         stop = max(tol / 10, 1e-3 * res)
         pre = okf / diag.clamp_min(1e-300)
         x = torch.zeros_like(d)
-        z = pre * r
+        rr = r.clone()
+        z = pre * rr
         q = z.clone()
-        rz = float((r * z).sum())
+        rz = float((rr * z).sum())
         for _ in range(200):  # conjugate gradients on J x = r
-            Jq = jv(q, ws, diag_own) * okf
+            Jq = jv(q, ws, own) * okf
             qJq = float((q * Jq).sum())
             if qJq <= 0:
                 break
             alpha = rz / qJq
             x += alpha * q
-            r = r - alpha * Jq
-            if float((r.abs() / scale).max()) <= stop:
+            rr = rr - alpha * Jq
+            if float((rr.abs() / scale).max()) <= stop:
                 break
-            z = pre * r
-            rz_new = float((r * z).sum())
+            z = pre * rr
+            rz_new = float((rr * z).sum())
             q = z + (rz_new / rz) * q
             rz = rz_new
-        d = d + x.clamp(-0.5, 0.5)
+        big = float(x.abs().max()) if n else 0.0
+        if big > 0.5:
+            x = x * (0.5 / big)
+        for _ in range(6):  # backtracking: take the step only where it lowers the residual
+            trial = state(d + x)
+            r_t, res_t = residual(trial[1])
+            if res_t < res:
+                d = d + x
+                (ws, h, own, diag), r, res = trial, r_t, res_t
+                break
+            x = x / 2
+        else:
+            break  # no descent: stop (a floor of the float arithmetic, or a hard case)
+    if res > res0:  # never worse than the separate closed forms
+        return a_sep, ok
     a = torch.where(ok, torch.exp(d), torch.ones_like(d))
     return a, ok & torch.isfinite(a)
 
@@ -778,8 +809,9 @@ class _ColouredProjector:
             for ka, idx in ks.items():
                 owners.setdefault(ka, []).append((i, idx))
         diag = [i for i, f in enumerate(fams) if _kind(f) == "diag"]
-        self._joint = self.joint_diag and len(diag) > 1 and self._joint_ok([fams[i] for i in diag])
-        order = diag + [i for i in range(len(fams)) if i not in set(diag)] if self._joint else range(len(fams))
+        self._joint = self.joint_diag and bool(diag) and self._joint_ok([fams[i] for i in diag])
+        in_diag = set(diag)
+        order = diag + [i for i in range(len(fams)) if i not in in_diag] if self._joint else range(len(fams))
         colour_of = {}
         colours = []
         for i in order:
@@ -797,8 +829,9 @@ class _ColouredProjector:
         return colours
 
     def _joint_ok(self, diag) -> bool:
-        """Whether the diagonal families can share one colour: no slot owned twice, at most two
-        scaled axes per tensor (the apply tables)."""
+        """Whether the diagonal families should share one colour: no slot owned twice, at most two
+        scaled axes per tensor (the apply tables), and some tensor scaled along two axes (else they
+        are not coupled to each other and the colouring stays as it was)."""
         slots, axes = {}, {}
         for f in diag:
             for key, axis, idx, _ in self._fps[f.name]:
@@ -808,7 +841,7 @@ class _ColouredProjector:
                     return False
                 s_.update(flat)
                 axes.setdefault(key, set()).add(axis)
-        return all(len(a) <= 2 for a in axes.values())
+        return all(len(a) <= 2 for a in axes.values()) and any(len(a) == 2 for a in axes.values())
 
 
     def _plan(self, fams, st: _Stats) -> dict:
@@ -856,6 +889,8 @@ class _ColouredProjector:
             for e in batches.values():
                 plan["couple"].append(dict(names=e["names"], axes=e["axes"], ua=T(np.stack(e["ua"])), sa=F64(e["sa"]),
                                            ub=T(np.stack(e["ub"])), sb=F64(e["sb"])))
+            units = np.unique(np.concatenate([np.stack(e[k]).reshape(-1) for e in batches.values() for k in ("ua", "ub")]))
+            plan["coupled_units"] = T(units[units >= 0])
         # -- matrix families, batched by size r
         by_r = {}
         for f in mats:
@@ -1011,8 +1046,7 @@ class _ColouredProjector:
                     break  # stagnating at the storage precision
                 omega = sor.next(history)
             for ci, plan in enumerate(self._plans):
-                self._apply(plan, *self._actions(plan, v if ci == 0 else plan["stats"].values(), H0, ok, omega,
-                                                 joint=rnd == 0))
+                self._apply(plan, *self._actions(plan, v if ci == 0 else plan["stats"].values(), H0, ok, omega))
             if self._fallback_fams:
                 bufs = self._buffers()
                 for f in self._fallback_fams:
@@ -1035,19 +1069,20 @@ class _ColouredProjector:
     def _coupling(self, cp: dict) -> tuple:
         """(Q, ua, sa, ub, sb) of the tensors of one coupling shape, scaled along two axes a < b, at
         the current point: Q[k, i, j] the sum of squares of tensor k's entries with index i along a
-        and j along b (float64)."""
+        and j along b (float64 for float64 tensors, else float32: `_joint_rescale` takes its exact
+        marginals in float64 and uses Q itself only for small corrections)."""
         qs = []
         for name, (a, b) in zip(cp["names"], cp["axes"]):
             x = self.params_by_name[name].detach()
+            dt = torch.float64 if x.dtype == torch.float64 else torch.float32  # (1× the weight in float32)
             if x.dim() == 2:
-                qs.append(torch.square(x.to(torch.float64)))  # (not in place: .to is x itself for float64)
+                qs.append(torch.square(x.to(dt)))  # (not in place: .to is x itself when the dtype matches)
             else:
-                q = x.movedim((a, b), (0, 1)).reshape(x.shape[a], x.shape[b], -1).to(torch.float64)
+                q = x.movedim((a, b), (0, 1)).reshape(x.shape[a], x.shape[b], -1).to(dt)
                 qs.append((q * q).sum(-1))
         return torch.stack(qs), cp["ua"], cp["sa"], cp["ub"], cp["sb"]
 
-    def _actions(self, plan: dict, v: torch.Tensor, H0: torch.Tensor, ok: torch.Tensor, omega: float = 1.0,
-                 joint: bool = True):
+    def _actions(self, plan: dict, v: torch.Tensor, H0: torch.Tensor, ok: torch.Tensor, omega: float = 1.0):
         """(F, G, D) of one colour's families from statistics `v`: the diagonal factors
         F = ext[F_src] (ext = [1, a^ω, a^−ω]), the matrix actions G[r] = [A; A⁻ᵀ] per size r
         (A = I + ωX), the translation shifts D = h₀ − h (None without translations)."""
@@ -1055,11 +1090,15 @@ class _ColouredProjector:
         one = torch.ones(1, dtype=torch.float64, device=dev)
         d = plan["diag"]
         if d is not None:
-            if plan["couple"] and joint:  # the first round of a call: the coupled drift at once
-                a, good = _joint_rescale(v[d["p"]], v[d["c"]], H0[d["h0"]],
-                                         [self._coupling(cp) for cp in plan["couple"]], tol=self._tol)
+            p, c, h0 = v[d["p"]], v[d["c"]], H0[d["h0"]]
+            joint = bool(plan["couple"])
+            if joint:  # coupled units already on the level set move by ≤ tol/10 either way: closed form
+                cu = plan["coupled_units"]
+                joint = float(((p[cu] - c[cu] - h0[cu]).abs() / (p[cu] + c[cu]).clamp_min(1e-300)).max()) > self._tol
+            if joint:  # coupled diagonal families: at once
+                a, good = _joint_rescale(p, c, h0, [self._coupling(cp) for cp in plan["couple"]], tol=self._tol)
             else:
-                a, good = _rescale(v[d["p"]], v[d["c"]], H0[d["h0"]])
+                a, good = _rescale(p, c, h0)
             ok[d["ok"]] = good
             if omega != 1.0:
                 a = a.pow(omega)
@@ -1129,13 +1168,16 @@ class FlatProjector(_ColouredProjector):
     Convergence. Families of one colour touch disjoint elements, so their actions commute and a
     colour's pass equals their Gauss–Seidel updates in any order: a round is a Gauss–Seidel
     sweep in colour order, linear convergence like `project` (float64 models of
-    tests/test_projection.py, 3 steps of lr 0.05: the same rounds per step as `project`, e.g.
-    ReLU MLP 16–19, CNN with BatchNorm 6–7, attention 14–17, Llama block 8–9, residual stream
-    56–64; float32 parameters stop at 2·eps after a few rounds). Jacobi rounds (every family
-    from one set of statistics) took twice as many rounds on the same models, as expected where
-    the coupling graph of adjacent layers is bipartite (ρ_GS = ρ_J²). The result lies on the
-    same level set as `project`'s but need not be the same point where the orbit meets the
-    level set in more than one point (matrix laws): the order of the updates differs.
+    tests/test_projection.py, 3 steps of lr 0.05, plain sweeps: ReLU MLP 16–19, CNN with
+    BatchNorm 6–7, attention 14–17, Llama block 8–9, residual stream 56–64; float32 parameters
+    stop at 2·eps after a few rounds). The exception is the first colour when the diagonal
+    families are coupled (`_ColouredProjector`): they share elements there, and are solved
+    together by `_joint_rescale` instead (the MLP then takes 1 round); over-relaxation cuts the
+    rest (residual stream 22–24). Jacobi rounds (every family from one set of statistics) took
+    twice as many rounds, as expected where the coupling graph of adjacent layers is bipartite
+    (ρ_GS = ρ_J²). The result lies on the same level set as `project`'s but need not be the same
+    point where the orbit meets the level set in more than one point (matrix laws): the order of
+    the updates differs.
 
     Residual and stopping as in `project`: scale = Σ of the absolute terms at the start of the
     call (diagonal: p + c; translation: Σ |slices|; matrix: √(S_ii S_jj), which bounds

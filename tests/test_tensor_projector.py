@@ -434,3 +434,60 @@ def test_the_first_measurement_reuses_the_native_steps_statistics(name, monkeypa
         assert any(given) == reuse  # (the first step has no momentum: torch's update, no statistics)
         runs.append([p.detach().clone() for p in mm.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def _chain_laws(params, spec):
+    from consopt.laws import Family, LawSet, Term
+
+    def rows(n):
+        return torch.arange(n).view(n, 1)
+
+    fams = [Family(name, "rescale", "diag", 2, [Term(p, a, rows(n), 1) for p, a in prod]
+                   + [Term(p, a, rows(n), -1) for p, a in cons]) for name, prod, cons, n in spec]
+    return LawSet(fams, {k: v.shape for k, v in params.items()})
+
+
+class _Separate(TensorProjector):
+    joint_diag = False
+
+
+def test_a_chain_with_a_large_drift_lands_where_gauss_seidel_crawls():
+    """Three rescale families chained through W and W2, every entry moved by up to e^±4: the joint
+    Newton solve lands in a round or two, the separate colours need dozens."""
+    g = torch.Generator().manual_seed(14)
+    params = {k: torch.randn(*s, generator=g, dtype=torch.float64)
+              for k, s in dict(W0=(6, 3), b0=(6,), W=(7, 6), W2=(5, 7), W3=(2, 5)).items()}
+    laws = _chain_laws(params, [("A", [("W", 0)], [("W2", 1)], 7), ("B", [("W0", 0), ("b0", 0)], [("W", 1)], 6),
+                                ("C", [("W2", 0)], [("W3", 1)], 5)])
+    h0 = {f.name: f.value(params) for f in laws}
+    drift = {k: v * torch.exp(2.0 * torch.randn(*v.shape, generator=g, dtype=torch.float64)) for k, v in params.items()}
+    rounds = {}
+    for cls in (TensorProjector, _Separate):
+        moved = {k: v.clone() for k, v in drift.items()}
+        stats = cls(laws, moved)(h0, max_rounds=500)
+        assert stats.converged
+        for f in laws:
+            torch.testing.assert_close(f.value(moved), h0[f.name], rtol=0, atol=1e-12 * float(f.value(moved, True).max()))
+        rounds[cls] = stats.rounds
+    assert rounds[TensorProjector] <= 2 < 10 < rounds[_Separate]
+
+
+def test_one_family_owning_rows_and_columns_of_one_matrix_is_solved_jointly():
+    """A residual-stream-like diagonal family: rows and columns of the same square W."""
+    g = torch.Generator().manual_seed(6)
+    params = {k: torch.randn(*s, generator=g, dtype=torch.float64) for k, s in dict(stem=(5, 3), W=(5, 5), V=(4, 5)).items()}
+    laws = _chain_laws(params, [("stream", [("stem", 0), ("W", 0)], [("W", 1), ("V", 1)], 5)])
+    h0 = {f.name: f.value(params) for f in laws}
+    moved = {k: v + 0.05 * torch.randn(*v.shape, generator=g, dtype=torch.float64) for k, v in params.items()}
+    proj = TensorProjector(laws, moved)
+    assert proj._joint
+    stats = proj(h0)
+    assert stats.converged and stats.rounds <= 2
+    torch.testing.assert_close(laws["stream"].value(moved), h0["stream"], rtol=0, atol=1e-11)
+
+
+def test_uncoupled_diagonal_families_keep_the_greedy_colouring():
+    m, x, y, loss_fn, laws, _ = setup("residual")
+    proj = TensorProjector(laws, dict(m.named_parameters()))
+    assert not proj._joint
+    assert proj.colours == _Separate(laws, dict(m.named_parameters())).colours
