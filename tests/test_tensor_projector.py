@@ -491,3 +491,65 @@ def test_uncoupled_diagonal_families_keep_the_greedy_colouring():
     proj = TensorProjector(laws, dict(m.named_parameters()))
     assert not proj._joint
     assert proj.colours == _Separate(laws, dict(m.named_parameters())).colours
+
+
+# -- single families on odd shapes and axes, against project() ------------------------------------
+_SHAPES = {"A": (6, 4, 3, 3), "B": (5, 6, 3, 3), "C": (4, 5, 6), "D": (6, 5), "E": (4, 6, 2), "b": (6,), "F": (1,),
+           "G": (3, 7, 2)}
+
+
+def _fam(kind, form, order, terms):
+    from consopt.laws import Family, Term
+
+    return Family("f", kind, form, order, [Term(p, ax, torch.tensor(idx, dtype=torch.int64), s) for p, ax, idx, s in terms])
+
+
+def _col(n):
+    return [[i] for i in range(n)]
+
+
+ODD_FAMILIES = {
+    "diag conv rows / conv columns + bias": ("rescale", "diag", 2, [("A", 0, _col(6), 1), ("b", 0, _col(6), 1),
+                                                                     ("B", 1, _col(6), -1)]),
+    "diag two slices per unit": ("rescale", "diag", 2, [("A", 0, [[0, 1], [2, 3], [4, 5]], 1),
+                                                        ("B", 1, [[5, 4], [1, 0], [3, 2]], -1)]),
+    "diag last axis / rows": ("rescale", "diag", 2, [("C", 2, _col(6), 1), ("D", 0, _col(6), -1)]),
+    "diag partial, unordered": ("rescale", "diag", 2, [("C", 1, [[4], [1]], 1), ("G", 1, [[6], [0]], -1)]),
+    "diag one element": ("rescale", "diag", 2, [("F", 0, [[0]], 1), ("C", 0, [[2]], -1)]),
+    "matrix by gather": ("stream", "matrix", 2, [("D", 0, [[0], [2], [4]], 1), ("E", 1, [[1], [3], [5]], -1)]),
+    "matrix two slices per unit": ("attention_vo", "matrix", 2, [("A", 0, [[0, 3], [1, 4], [2, 5]], 1),
+                                                                 ("B", 1, [[0, 1], [2, 3], [4, 5]], -1)]),
+    "matrix consecutive on a conv's axis 1": ("stream", "matrix", 2, [("B", 1, [[2], [3], [4]], 1),
+                                                                      ("A", 0, [[3], [4], [5]], -1)]),
+    "shift vector on axis 1": ("translation", "vector", 1, [("C", 1, _col(5), 1)]),
+    "shift vector, two terms": ("translation", "vector", 1, [("G", 1, _col(7), 1), ("E", 0, [[1], [3]], -1)]),
+    "shift diag on the last axis": ("translation", "diag", 1, [("C", 2, [[0, 1], [2, 3], [4, 5]], 1),
+                                                               ("b", 0, [[0], [3], [5]], -1)]),
+    "shift diag on a conv's axis 1": ("translation", "diag", 1, [("A", 1, [[0, 2], [1, 3]], 1)]),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(ODD_FAMILIES))
+def test_single_families_on_odd_axes_match_project(case, backend):
+    from consopt.laws import LawSet
+
+    fam = _fam(*ODD_FAMILIES[case])
+    laws = LawSet([fam], {k: torch.Size(v) for k, v in _SHAPES.items()})
+    g = torch.Generator().manual_seed(100 + list(ODD_FAMILIES).index(case))
+    start = {n: torch.randn(_SHAPES[n], generator=g, dtype=torch.float64) for n in laws.param_names}
+    h0 = {"f": fam.value({n: p + 0.05 * torch.randn(p.shape, generator=g, dtype=torch.float64)
+                          for n, p in start.items()})}
+    mom = {n: torch.randn(p.shape, generator=g, dtype=torch.float64) for n, p in start.items()}
+    ref_p, ref_m = copy.deepcopy(start), copy.deepcopy(mom)
+    ref = project(laws, ref_p, h0, "symmetry", buffers=ref_m)
+    got_p, got_m = copy.deepcopy(start), copy.deepcopy(mom)
+    proj = TensorProjector(laws, got_p, backend=backend)
+    proj.relax = False
+    stats = proj(h0, buffers=got_m)
+    assert ref.converged and stats.converged and proj.fallback == []
+    assert float(((fam.value(got_p) - h0["f"]).abs() / fam.value(got_p, absolute=True)).max()) <= 1e-12
+    for n in start:
+        torch.testing.assert_close(got_p[n], ref_p[n], rtol=1e-9, atol=1e-12, msg=n)
+        torch.testing.assert_close(got_m[n], ref_m[n], rtol=1e-9, atol=1e-12, msg=n)
+    assert max(float((got_p[n] - start[n]).abs().max()) for n in start) > 1e-6  # it did move
