@@ -668,11 +668,11 @@ class _ColouredProjector:
     fits (`_Relaxation`).
 
     Diagonal families share the first colour when no slot is owned twice and no tensor is scaled
-    along more than two axes (`joint_diag`); in the first round of a call they are solved together
-    (`_joint_rescale`: Newton on the unit log-scales, the tensors scaled along two axes coupling
-    them through their per-slot sums of squares), later rounds use the per-unit closed form. A
-    chain of rescale laws (an MLP, a LayerNorm feeding an MLP) then lands in one round instead of
-    converging at the rate of its coupling.
+    along more than two axes and some tensor is scaled along two (`joint_diag`), and are solved
+    together (`_joint_rescale`: Newton on the unit log-scales, the tensors scaled along two axes
+    coupling them through their per-slot sums of squares) in every round where a coupled unit is
+    off the level set (else the per-unit closed form). A chain of rescale laws (an MLP, a LayerNorm
+    feeding an MLP) then lands in one round instead of converging at the rate of its coupling.
     """
 
     relax = True  # over-relax the rounds once their rate is measured
@@ -1368,17 +1368,17 @@ class TensorProjector(_ColouredProjector):
          their split halves — with ``backend="native"`` one C++ pass over the tensors (sums,
          sums of squares, the Grams of aligned unit groups, `consopt.native`), else chunked
          float64 torch ops; colour 0 measures every family (residual, and h at the result);
-      2. the actions on tiny tensors (`_ColouredProjector._actions`; the coupled diagonal
-         families jointly in the first round);
+      2. the actions on tiny tensors (`_ColouredProjector._actions`; coupled diagonal families
+         jointly);
       3. per tensor, every diagonal factor along its (at most two) axes in one pass, on the
          parameter and its momentum buffer: θ ← float64(θ)·f_a[i]·f_b[j] rounded once (the
-         native `scale_apply` for contiguous float32/float64 CPU tensors, torch ops otherwise);
+         native `ScaleApply` for contiguous float32/float64 CPU tensors, torch ops otherwise);
          per (tensor, axis, slice pattern) of the matrix families x ← x + (G − I)x with G = A or
          A⁻ᵀ, one bmm in x's dtype (a view where the slices are consecutive, else gather/scatter):
          the correction (G − I)x is ~|X| smaller than x, so its own rounding is negligible and x
          is rounded once, as by the float64 product.
-    Translation families shift slices: one gather / add / scatter per term (a velocity does not
-    change).
+    Translation families shift slices: an add on a view where a term's slices are consecutive,
+    else gather / add / scatter (a velocity does not change).
     Momentum buffers are passed per call (``proj(h0, buffers=...)``: name -> buffer).
     """
 
