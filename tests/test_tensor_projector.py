@@ -572,3 +572,46 @@ def test_the_euclidean_preconditioner_is_the_diagonal_of_j_jt(name):
             want.append(sum(float((gi ** 2).sum()) for gi in g if gi is not None))
     got = _jjt_diagonal(laws, scales, torch.device("cpu"))
     torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn-bn", "attention", "llama", "residual"])
+def test_closed_form_law_jacobian_matches_autograd(name):
+    from torch.func import jvp, vjp
+
+    from consopt.projection import _LawJacobian
+
+    m, x, y, loss_fn, laws, _ = setup(name)
+    fams = laws.families
+    assert _LawJacobian.supported(fams)
+    theta = {n: p.detach().clone() for n, p in m.named_parameters() if n in set(laws.param_names)}
+    g = torch.Generator().manual_seed(4)
+    delta = {n: torch.randn(p.shape, generator=g, dtype=torch.float64) for n, p in theta.items()}
+
+    def h_of(th):
+        return torch.cat([f.value(th).reshape(-1) for f in fams])
+
+    jac = _LawJacobian(fams, theta)
+    want = jvp(h_of, (theta,), (delta,))[1]
+    torch.testing.assert_close(jac.jv(delta), want, rtol=1e-12, atol=1e-12 * float(want.abs().max()))
+    lam = torch.randn(want.numel(), generator=g, dtype=torch.float64)
+    (ref,) = vjp(h_of, theta)[1](lam)
+    got = jac.jtv(lam)
+    for n in theta:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-12, atol=1e-12 * float(ref[n].abs().max() + 1), msg=n)
+
+
+def test_euclidean_in_closed_form_is_the_autograd_solution(monkeypatch):
+    import consopt.projection as PP
+
+    m, x, y, loss_fn, laws, _ = setup("attention")
+    h0 = laws.evaluate(m)
+    _step(m, torch.optim.SGD(m.parameters(), lr=0.1), x, y, loss_fn)
+    out = {}
+    for closed in (True, False):
+        mm = copy.deepcopy(m)
+        monkeypatch.setattr(PP._LawJacobian, "supported", staticmethod(lambda fams, c=closed: c))
+        stats = project(laws, dict(mm.named_parameters()), h0, "euclidean")
+        assert stats.converged and rel_dev(laws, mm, h0) <= DEV_TOL
+        out[closed] = [p.detach().clone() for p in mm.parameters()]
+    for a, b in zip(out[True], out[False]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
