@@ -1499,6 +1499,8 @@ class TensorProjector(_ColouredProjector):
     def _build(self):
         super()._build()
         self._devices = {n: self.params_by_name[n].device for n in self.laws.param_names}
+        # the statistics keys the first measurement reads (what `stats=` must hold to replace it)
+        self._need = {(n, op, a) for n, spec in self._measure.evaluate._stats.items() for op, a in spec.keys()}
 
     def _current(self):
         """A law parameter of another shape is an error (the laws no longer describe it); one moved
@@ -1576,10 +1578,8 @@ class TensorProjector(_ColouredProjector):
         (their Gram matrices are left out: those families are formed from the parameters)."""
         self._bufs = {n: b for n, b in (buffers or {}).items() if n in self.params_by_name and b is not None}
         self._given = None
-        if stats is not None:
-            need = {(n, op, a) for n, spec in self._measure.evaluate._stats.items() for op, a in spec.keys()}
-            if need.issubset(stats):
-                self._given = {k: stats[k] for k in need}
+        if stats is not None and self._need.issubset(stats):
+            self._given = {k: stats[k] for k in self._need}
         return super().__call__(h0, **kw)
 
     def _first_measurement(self):

@@ -152,26 +152,40 @@ def test_momentum_is_transported_by_the_symmetry_action():
     assert float((a - 1).abs().max()) > 1e-8
 
 
-def test_dead_unit_is_skipped_and_counted():
+def dead_unit_mlp():
+    """The MLP with hidden unit 3 of its first layer dead (all-zero slices) at θ_0 and after a
+    random perturbation of everything else: (model, laws, h0, check), where check(model) asserts
+    every parameter finite and every other unit of that family back on h0."""
     m, x, y, loss_fn, laws, _ = setup("mlp")
-    with torch.no_grad():
-        m[0].weight[3] = 0
-        m[0].bias[3] = 0
-        m[2].weight[:, 3] = 0
+
+    def kill():
+        with torch.no_grad():
+            m[0].weight[3] = 0
+            m[0].bias[3] = 0
+            m[2].weight[:, 3] = 0
+
+    kill()
     h0 = laws.evaluate(m)
     with torch.no_grad():
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 1e-3)
-        m[0].weight[3] = 0
-        m[0].bias[3] = 0
-        m[2].weight[:, 3] = 0
+    kill()
+    fam = [f for f in laws if f.modules[0] == "0"][0].name
+    others = [j for j in range(7) if j != 3]
+
+    def check(model):
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+        torch.testing.assert_close(laws.evaluate(model)[fam][others], h0[fam][others], rtol=0,
+                                   atol=1e-10 * float(laws.scale(model)[fam].max()))
+
+    return m, laws, h0, check
+
+
+def test_dead_unit_is_skipped_and_counted():
+    m, laws, h0, check = dead_unit_mlp()
     stats = project(laws, dict(m.named_parameters()), h0, "symmetry")
     assert stats.skipped >= 1
-    assert all(torch.isfinite(p).all() for p in m.parameters())
-    vals = laws.evaluate(m)
-    others = [j for j in range(7) if j != 3]
-    fam = [f for f in laws if f.modules[0] == "0"][0].name
-    torch.testing.assert_close(vals[fam][others], h0[fam][others], rtol=0, atol=1e-10 * float(laws.scale(m)[fam].max()))
+    check(m)
 
 
 def test_translation_projection_is_a_shift():

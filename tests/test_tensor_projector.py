@@ -14,7 +14,7 @@ import consopt
 import consopt.native as N
 from consopt.projection import TensorProjector, _lyapunov, project
 
-from test_projection import CASES, DEV_TOL, rel_dev, setup
+from test_projection import CASES, DEV_TOL, dead_unit_mlp, rel_dev, setup
 
 HAVE_CXX = any(shutil.which(c) for c in ("g++", "c++", "clang++"))
 BACKENDS = ["eager"] + (["native"] if HAVE_CXX else [])
@@ -24,6 +24,24 @@ def _step(m, opt, x, y, loss_fn):
     opt.zero_grad()
     loss_fn(m(x), y).backward()
     opt.step()
+
+
+def _stepped(name, lr=0.1):
+    """`setup(name)` after one plain SGD step, and h0 before it: (m, x, y, loss_fn, laws, fmap, h0)."""
+    m, x, y, loss_fn, laws, fmap = setup(name)
+    h0 = laws.evaluate(m)
+    _step(m, torch.optim.SGD(m.parameters(), lr=lr), x, y, loss_fn)
+    return m, x, y, loss_fn, laws, fmap, h0
+
+
+def _projected_copy(m, laws, h0, **attrs):
+    """A copy of m projected by a TensorProjector with `attrs` set (tables rebuilt): (copy, stats)."""
+    mm = copy.deepcopy(m)
+    proj = TensorProjector(laws, dict(mm.named_parameters()), backend=BACKENDS[-1])
+    for k, v in attrs.items():
+        setattr(proj, k, v)
+    proj._build()
+    return mm, proj(h0)
 
 
 def _buffers(opt, params):
@@ -77,12 +95,10 @@ def test_momentum_takes_exactly_the_parameters_action(name, backend):
 
 def test_agrees_with_project_on_diagonal_laws():
     """Diagonal laws of an MLP have one point of each orbit on the level set: both reach it."""
-    m, x, y, loss_fn, laws, _ = setup("mlp")
-    h0 = laws.evaluate(m)
-    _step(m, torch.optim.SGD(m.parameters(), lr=0.2), x, y, loss_fn)
-    a, b = copy.deepcopy(m), copy.deepcopy(m)
+    m, x, y, loss_fn, laws, _, h0 = _stepped("mlp", lr=0.2)
+    a = copy.deepcopy(m)
     project(laws, dict(a.named_parameters()), h0, "symmetry")
-    TensorProjector(laws, dict(b.named_parameters()), backend=BACKENDS[-1])(h0)
+    b, _ = _projected_copy(m, laws, h0)
     for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(pb, pa, rtol=1e-10, atol=1e-13, msg=n)
 
@@ -105,39 +121,19 @@ def test_float32_model_stops_at_its_storage_precision(backend):
 
 
 def test_dead_unit_is_skipped_and_counted_never_nan():
-    m, x, y, loss_fn, laws, _ = setup("mlp")
-    with torch.no_grad():
-        m[0].weight[3] = 0
-        m[0].bias[3] = 0
-        m[2].weight[:, 3] = 0
-    h0 = laws.evaluate(m)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 1e-3)
-        m[0].weight[3] = 0
-        m[0].bias[3] = 0
-        m[2].weight[:, 3] = 0
+    m, laws, h0, check = dead_unit_mlp()
     stats = TensorProjector(laws, dict(m.named_parameters()), backend=BACKENDS[-1])(h0)
     assert stats.skipped >= 1 and stats.converged
-    assert all(torch.isfinite(p).all() for p in m.parameters())
-    fam = [f for f in laws if f.modules[0] == "0"][0].name
-    others = [j for j in range(7) if j != 3]
-    torch.testing.assert_close(laws.evaluate(m)[fam][others], h0[fam][others], rtol=0,
-                               atol=1e-10 * float(laws.scale(m)[fam].max()))
+    check(m)
 
 
 def test_over_relaxation_cuts_the_rounds_and_lands_on_the_same_set():
     """Residual MLP: Gauss–Seidel contracts slowly there (ρ ≈ 0.8); SOR with the measured ρ
     reaches the same tolerance in fewer rounds."""
-    m, x, y, loss_fn, laws, _ = setup("residual")
-    h0 = laws.evaluate(m)
-    _step(m, torch.optim.SGD(m.parameters(), lr=0.1), x, y, loss_fn)
+    m, x, y, loss_fn, laws, _, h0 = _stepped("residual")
     rounds = {}
     for relax in (False, True):
-        mm = copy.deepcopy(m)
-        proj = TensorProjector(laws, dict(mm.named_parameters()), backend=BACKENDS[-1])
-        proj.relax = relax
-        stats = proj(h0)
+        mm, stats = _projected_copy(m, laws, h0, relax=relax)
         assert stats.converged and rel_dev(laws, mm, h0) <= DEV_TOL
         assert (stats.relaxation > 1.0) == relax
         rounds[relax] = stats.rounds
@@ -145,10 +141,8 @@ def test_over_relaxation_cuts_the_rounds_and_lands_on_the_same_set():
 
 
 def test_a_step_already_on_the_level_set_reads_nothing():
-    m, x, y, loss_fn, laws, _ = setup("mlp")
-    h0 = laws.evaluate(m)
+    m, x, y, loss_fn, laws, _, h0 = _stepped("mlp")
     params = dict(m.named_parameters())
-    _step(m, torch.optim.SGD(m.parameters(), lr=0.1), x, y, loss_fn)
     proj = TensorProjector(laws, params, backend="eager")
     assert proj(h0).rounds >= 1
     snap = {n: p.detach().clone() for n, p in params.items()}
@@ -158,9 +152,7 @@ def test_a_step_already_on_the_level_set_reads_nothing():
 
 
 def test_non_contiguous_parameters_take_the_torch_apply():
-    m, x, y, loss_fn, laws, _ = setup("cnn-bn")
-    h0 = laws.evaluate(m)
-    _step(m, torch.optim.SGD(m.parameters(), lr=0.1), x, y, loss_fn)
+    m, x, y, loss_fn, laws, _, h0 = _stepped("cnn-bn")
     a = copy.deepcopy(m)
     b = copy.deepcopy(m).to(memory_format=torch.channels_last)
     assert any(not p.is_contiguous() for p in b.parameters())
@@ -375,18 +367,12 @@ def test_joint_rescale_solves_a_coupled_chain_exactly():
 
 
 def test_mlp_chain_lands_in_one_round_and_the_parameters_are_not_touched_by_the_solve():
-    m, x, y, loss_fn, laws, fmap = setup("mlp")
-    h0 = laws.evaluate(m)
-    _step(m, torch.optim.SGD(m.parameters(), lr=0.1), x, y, loss_fn)
+    m, x, y, loss_fn, laws, fmap, h0 = _stepped("mlp")
+    torch.manual_seed(7)
+    before = fmap(m(x)).detach()
     rounds = {}
     for joint in (False, True):
-        mm = copy.deepcopy(m)
-        proj = TensorProjector(laws, dict(mm.named_parameters()), backend=BACKENDS[-1])
-        proj.joint_diag = joint
-        proj._build()
-        torch.manual_seed(7)
-        before = fmap(mm(x)).detach()
-        stats = proj(h0)
+        mm, stats = _projected_copy(m, laws, h0, joint_diag=joint)
         torch.manual_seed(7)
         assert float((fmap(mm(x)).detach() - before).norm() / before.norm()) <= 1e-10
         assert stats.converged and rel_dev(laws, mm, h0) <= DEV_TOL
@@ -603,9 +589,7 @@ def test_closed_form_law_jacobian_matches_autograd(name):
 def test_euclidean_in_closed_form_is_the_autograd_solution(monkeypatch):
     import consopt.projection as PP
 
-    m, x, y, loss_fn, laws, _ = setup("attention")
-    h0 = laws.evaluate(m)
-    _step(m, torch.optim.SGD(m.parameters(), lr=0.1), x, y, loss_fn)
+    m, x, y, loss_fn, laws, _, h0 = _stepped("attention")
     out = {}
     for closed in (True, False):
         mm = copy.deepcopy(m)
