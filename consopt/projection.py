@@ -40,7 +40,9 @@ are computed at once and commute), in over-relaxed Gauss–Seidel rounds:
   statistics from one `LawEvaluator` pass per colour (the native C++ statistics on the CPU), one
   native apply pass per tensor (`consopt.native.ScaleApply`), a bmm per matrix slice pattern;
 * `FlatProjector` on the flat buffers of the fused path (`consopt.fused`): the statistics from the
-  fused statistics kernels and one `triton_kernels.project` launch per buffer.
+  fused statistics kernels and one `triton_kernels.project` launch per buffer; a colour of
+  diagonal families only is applied inside the next statistics pass, and the first measurement
+  is the fused step's own.
 """
 
 from __future__ import annotations
@@ -667,11 +669,13 @@ class _Stats:
             n += math.prod(f.shape(laws.param_shapes))
         self.zero = n  # values() appends one 0 here: the consumer side of a family without one
 
-    def values(self, stats: dict | None = None) -> torch.Tensor:
+    def values(self, stats: dict | None = None, vals: dict | None = None) -> torch.Tensor:
         """float64 [n + 1]: every split family's values, concatenated, then 0. `stats`: the
         statistics {(name, op, axis): tensor} of the current parameters, already computed (a
-        `LawEvaluator`'s `values_from_stats`; Gram matrices are formed from the parameters)."""
-        vals = self.evaluate() if stats is None else self.evaluate.values_from_stats(stats)
+        `LawEvaluator`'s `values_from_stats`; Gram matrices are formed from the parameters);
+        `vals`: the split families' values themselves, already computed (a folded pass)."""
+        if vals is None:
+            vals = self.evaluate() if stats is None else self.evaluate.values_from_stats(stats)
         z = torch.zeros(1, dtype=torch.float64, device=self.device)
         return torch.cat([vals[n].reshape(-1) for n in self.names] + [z])
 
@@ -808,7 +812,10 @@ class _ColouredProjector:
     def _plan_apply(self, plan: dict, fams, seg_fac: dict, uo: dict, nu: int, do: dict) -> None:
         raise NotImplementedError
 
-    def _apply(self, plan: dict, F: torch.Tensor, G: dict, D) -> None:
+    def _apply(self, plan: dict, F: torch.Tensor, G: dict, D) -> torch.Tensor | None:
+        """Act with (F, G, D) on the parameters and momentum; return the statistics that come
+        next (`plan["next"]`: the next colour's, or the measurement after the last colour) when
+        the apply pass formed them itself, else None."""
         raise NotImplementedError
 
     def _buffers(self) -> dict:
@@ -1098,10 +1105,12 @@ class _ColouredProjector:
 
     @torch.no_grad()
     def __call__(self, h0: dict, *, tol: float = 1e-12, max_rounds: int = 100,
-                 values: dict | None = None) -> ProjectionStats:
+                 values: dict | None = None, measured: torch.Tensor | None = None) -> ProjectionStats:
         """Project onto {h = h0}. `values`: h at the current point if already known (the step's
         own statistics): when it is already within `tol` (by the scales of the previous call)
-        nothing is read or written (rounds = 0)."""
+        nothing is read or written (rounds = 0). `measured`: the first measurement itself (the
+        statistics of every family at the current point, as `FlatProjector.step_values` gives
+        them), when the step formed it."""
         self._current()
         laws = self.laws
         H0 = self._h0_flat(h0)
@@ -1125,8 +1134,12 @@ class _ColouredProjector:
         scale = None
         sor = _Relaxation(self.relax, self._carry)
         omega = 1.0
+        nxt = None  # statistics an apply pass formed on the way (`_apply`)
         for rnd in range(max_rounds + 1):
-            v = self._first_measurement() if rnd == 0 else self._measure.values()
+            if rnd == 0:
+                v = measured if measured is not None else self._first_measurement()
+            else:
+                v = nxt if nxt is not None else self._measure.values()
             S = v[self._ip] + v[self._ic]
             H = v[self._ip] - v[self._ic]
             if scale is None:  # Σ |terms| at the start of the call, as project() measures it
@@ -1148,8 +1161,10 @@ class _ColouredProjector:
                     break  # stagnating at the storage precision
                 omega = sor.next(history)
             for ci, plan in enumerate(self._plans):
-                self._apply(plan, *self._actions(plan, v if ci == 0 else plan["stats"].values(), H0, ok, omega))
+                vc = v if ci == 0 else (nxt if nxt is not None else plan["stats"].values())
+                nxt = self._apply(plan, *self._actions(plan, vc, H0, ok, omega))
             if self._fallback_fams:
+                nxt = None  # (never folded past the fallback families: they act after the colours)
                 bufs = self._buffers()
                 for f in self._fallback_fams:
                     o = _act(f, self.params_by_name, bufs, h0[f.name])
@@ -1163,10 +1178,14 @@ class _ColouredProjector:
         stats.relaxation = omega
         if stats.rounds > 0:
             self._carry = (sor.omega, sor.rho) if stats.converged and sor.omega > 1.0 else None
-        self.values = {f.name: H[self._meas_off[f.name]:self._meas_off[f.name] + math.prod(self._shape[f.name])]
-                       .view(self._shape[f.name]) for f in laws.families}
+        self.values = self._by_family(H)
         self._last = (scale, ok) if scale is not None else None
         return stats
+
+    def _by_family(self, H: torch.Tensor) -> dict:
+        """{family name: its values} from h in the measurement layout."""
+        return {f.name: H[self._meas_off[f.name]:self._meas_off[f.name] + math.prod(self._shape[f.name])]
+                .view(self._shape[f.name]) for f in self.laws.families}
 
     def _coupling(self, cp: dict) -> tuple:
         """(Q, ua, sa, ub, sb) of the tensors of one coupling shape, scaled along two axes a < b, at
@@ -1260,6 +1279,15 @@ class FlatProjector(_ColouredProjector):
       3. one `triton_kernels.project` launch per flat buffer applies every diagonal factor and
          every shift (parameters and momentum in the same program) and one batched matmul per
          slice pattern applies the matrix actions (gather, float64 bmm, round, scatter).
+    Two passes are saved where they can be (ResNet-style models then cost one pass per round):
+      * a colour of diagonal families only (no shift, no matrix action) is applied by the
+        statistics kernel of the *next* measurement itself (``fold``; its SCALE prologue scales
+        parameters and momentum, rounds once as the apply kernel does, and forms the next
+        statistics from the values it stores), so its apply and the following statistics pass
+        are one pass — bitwise the same result;
+      * consopt.SGD's fused step forms the first measurement (``measure_in_step``: it steps over
+        `step_laws()`, the split statistics, and hands `step_values()` to the call as
+        ``measured``), so a call starts without a statistics pass.
     Launches per round with C colours (C = 2 in the models above): C statistics passes (a few
     launches each), per colour one apply launch per flat buffer and one gather/bmm/scatter per
     matrix slice pattern, plus a few dozen tiny torch ops for the actions; one host sync (the
@@ -1296,6 +1324,9 @@ class FlatProjector(_ColouredProjector):
     """
 
 
+    fold = True  # colours of diagonal families only: apply inside the next statistics pass
+    measure_in_step = True  # consopt.SGD's fused step forms the first measurement (`step_laws`)
+
     def __init__(self, laws: LawSet, params_by_name, groups, *, tile: int | None = None):
         from .fused import FlatGroup
 
@@ -1323,15 +1354,71 @@ class FlatProjector(_ColouredProjector):
     def _make_stats(self, fams) -> _Stats:
         from .fused import compile_laws, law_values_only
 
-        def make_eval(split):
-            compiled = compile_laws(split, self.params_by_name, self.groups)
-            return lambda: law_values_only(compiled)
+        made = []
 
-        return _Stats(self.laws, fams, make_eval, self._dev)
+        def make_eval(split):
+            made.append(compile_laws(split, self.params_by_name, self.groups))
+            return lambda: law_values_only(made[0])
+
+        st = _Stats(self.laws, fams, make_eval, self._dev)
+        st.compiled = made[0]  # (its tables also drive the folded apply passes, `_plan_fold`)
+        return st
 
     def _build(self):
         super()._build()
+        for ci, plan in enumerate(self._plans):
+            last = ci + 1 == len(self._plans)
+            nxt = self._measure if last else self._plans[ci + 1]["stats"]
+            plan["fold"] = None
+            if self.fold and not plan["mat"] and plan["shift"] is None and not (last and self._fallback_fams):
+                plan["fold"] = self._plan_fold(plan, nxt)
         self._versions = [g.version for g in self.groups]
+
+    def step_laws(self):
+        """The compiled laws of the first measurement (every family split into producer and
+        consumer halves), for the fused step to form its statistics with: pass them to
+        `fused_sgd_step(..., compiled_laws=)` and then read `step_values()`; the projection
+        then starts without a statistics pass of its own."""
+        self._current()
+        return self._measure.compiled
+
+    def step_values(self) -> tuple:
+        """(h of every family, the measurement) after a fused step over `step_laws()`: h for the
+        tracker (as ``laws.evaluate`` lays it out), the measurement for ``proj(..., measured=)``."""
+        v = self._measure.values(vals=self._measure.compiled.finish())
+        return self._by_family(v[self._ip] - v[self._ic]), v
+
+    def _plan_fold(self, plan: dict, nxt: _Stats) -> dict:
+        """Tables of a colour's apply pass folded into the next statistics pass: `nxt`'s tiles of
+        every flat buffer (its step tables, which cover every segment) minus those of segments
+        that are neither scaled by this colour nor measured by `nxt`, and per buffer the
+        segments' factor geometry (FSEG rows, see `launch_sgd_stats`)."""
+        from triton_kernels import sgd_stats as K
+
+        cl = nxt.compiled
+        slot_cols = [K.T_RSQ, K.T_RSUM, K.T_CSQ, K.T_CSUM, K.T_GR, K.T_GC]
+        fold = {}
+        for gi, g in enumerate(self.groups):
+            for bi, b in enumerate(g.buffers):
+                fseg = np.zeros((max(len(b.segs), 1), 9), np.int64)
+                fseg[:, 2:4] = 1
+                fseg[:, 6:8] = 1
+                big = False
+                for k, sg in enumerate(b.segs):
+                    fac = plan["seg_fac"].get((gi, bi, k), {})
+                    for j, axis in enumerate(sorted(fac)[:2]):
+                        fseg[k, 4 * j:4 * j + 4] = [fac[axis], 1, math.prod(sg.shape[axis + 1:]), sg.shape[axis]]
+                    fseg[k, 8] = int(bool(fac) and sg.numel > 0)
+                    big |= bool(fac) and sg.numel >= 2 ** 31 - 2 ** 20
+                tables = []
+                for variant, tab in cl.step_tables(gi, bi):
+                    t = tab.cpu().numpy()
+                    keep = (fseg[t[:, K.T_SEG], 8] != 0) | (t[:, slot_cols] >= 0).any(1)
+                    if keep.any():
+                        tables.append((variant, self._T(t[keep])))
+                if tables or cl.gram_table(gi, bi) is not None:
+                    fold[(gi, bi)] = dict(tables=tables, fseg=self._T(fseg), idx64=big, gram=cl.gram_table(gi, bi))
+        return dict(buffers=fold, stats=nxt)
 
     def _current(self):
         for g in self.groups:
@@ -1356,7 +1443,7 @@ class FlatProjector(_ColouredProjector):
         T = self._T
         shifts = [f for f in fams if _kind(f) == "shift"]
         mats = [f for f in fams if _kind(f) == "matrix"]
-        plan["apply"], plan["matmul"] = {}, []
+        plan["apply"], plan["matmul"], plan["seg_fac"] = {}, [], seg_fac
         seg_row, nr = {}, 1  # key -> row offset in CT / RT; row 0: c = 0
         for f in shifts:
             for key, *_ in self._fps[f.name]:
@@ -1431,10 +1518,14 @@ class FlatProjector(_ColouredProjector):
             plan["matmul"].append(dict(gi=gi, bi=bi, r=r, q=T(e["q"])[None], bases=T(bases)[:, None, None],
                                        sel=T(sel), strided=_as_strided(e["q"], bases)))
 
-    def _apply(self, plan: dict, F: torch.Tensor, G: dict, D) -> None:
+    def _apply(self, plan: dict, F: torch.Tensor, G: dict, D) -> torch.Tensor | None:
         """One `triton_kernels.project` launch per flat buffer (diagonal factors and shifts, on
-        parameters and momentum), one batched matmul per matrix slice pattern."""
+        parameters and momentum), one batched matmul per matrix slice pattern; a colour of
+        diagonal families only is instead folded into the next statistics pass (`_apply_folded`)."""
         from triton_kernels.project import launch_symmetry_apply
+
+        if plan.get("fold") is not None:
+            return self._apply_folded(plan["fold"], F)
 
         for (gi, bi), (tab, shift_here, big) in plan["apply"].items():
             b = self.groups[gi].buffers[bi]
@@ -1457,6 +1548,25 @@ class FlatProjector(_ColouredProjector):
                     continue
                 x = buf[idx].view(g.shape[0], mm["r"], -1).to(torch.float64)
                 buf.index_put_((idx,), (g @ x).reshape(-1).to(buf.dtype))
+        return None
+
+    def _apply_folded(self, fold: dict, F: torch.Tensor) -> torch.Tensor:
+        """The diagonal factors applied by the statistics kernel itself (its SCALE prologue: per
+        element x ← x·fA·fB on parameters and momentum, rounded once as `triton_kernels.project`
+        does), which forms the next statistics from the values it stores: one pass over the law
+        parameters instead of an apply pass plus a statistics pass."""
+        from triton_kernels import sgd_stats as K
+
+        cl = fold["stats"].compiled
+        for (gi, bi), fb in fold["buffers"].items():
+            b = self.groups[gi].buffers[bi]
+            for (bx, by, vec, gr, gc, ca, al), table in fb["tables"]:
+                K.launch_sgd_stats(b.param, None, b.mom, table, None, None, cl.scratch, block=(bx, by), vec=vec,
+                                   gram_r=gr, gram_c=gc, colacc=ca, aligned=al, stats=True, update=False,
+                                   scale=(F, fb["fseg"]), idx64=fb["idx64"])
+            if fb["gram"] is not None:  # Gram blocks too large for one tile: from the stored values
+                K.launch_gram(b.param, fb["gram"], cl.scratch)
+        return fold["stats"].values(vals=cl.finish())
 
 
 

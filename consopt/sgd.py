@@ -234,6 +234,7 @@ class SGD(torch.optim.SGD):
         self._native = None  # consopt.native.NativeStep (tracking_backend="native")
         self._native_checked = False
         self._step_stats = None  # the native step's statistics of the current parameters
+        self._step_measured = None  # the fused step's measurement for the flat projector (`step_laws`)
         if laws is not None:
             self._tracker = _LawTracker(laws, self._bind(laws))
             from .native import available as native_available
@@ -299,6 +300,7 @@ class SGD(torch.optim.SGD):
         d["_projector"] = None
         d["_tensor_projector"] = None
         d["_step_stats"] = None
+        d["_step_measured"] = None
         d["_cpu_update"] = None
         d["_native"] = None
         d["_native_checked"] = False
@@ -337,6 +339,7 @@ class SGD(torch.optim.SGD):
         # one pass) slots in here and returns the new law values itself.
         values = None
         self._step_stats = None
+        self._step_measured = None
         if self._step_impl() == "fused":
             values = self._fused_step()
             if values is _FALLBACK:
@@ -403,7 +406,8 @@ class SGD(torch.optim.SGD):
             if first:
                 self._projector = FlatProjector(self.laws, self._tracker.evaluator.tensors, self._flat)
                 snapshot = self._snapshot_flat(grads=False)  # first use: kernels compile now
-            self.projection_stats = self._projector(self._tracker.h0, values=values)
+            measured, self._step_measured = self._step_measured, None
+            self.projection_stats = self._projector(self._tracker.h0, values=values, measured=measured)
         except Exception as e:  # noqa: BLE001 - only on the first projected step, see above
             if not first:
                 raise
@@ -461,13 +465,21 @@ class SGD(torch.optim.SGD):
             # First fused step: kernels compile now. If that fails (e.g. a Triton version without
             # some feature), restore the buffers and fall back to the PyTorch path for good.
             snapshot = self._snapshot_flat()
+        # with the flat symmetry projection the step forms the projector's own (split) statistics:
+        # its first measurement then costs no pass, and h = producer − consumer goes to the tracker
+        proj = self._projector if self.projection == "symmetry" and self._projector else None
+        proj = proj if proj is not None and proj.measure_in_step else None
+        compiled = proj.step_laws() if proj is not None else self._compiled
         try:
             for group, flat in zip(self.param_groups, self._flat):
                 fused_sgd_step(flat, group["lr"], momentum=group["momentum"], dampening=group["dampening"],
                                weight_decay=group["weight_decay"], nesterov=group["nesterov"],
                                maximize=group["maximize"], grad_scale=grad_scale, found_inf=found_inf,
-                               compiled_laws=self._compiled, finish=False)
-            values = self._compiled.finish() if self._compiled is not None else None
+                               compiled_laws=compiled, finish=False)
+            if proj is not None:
+                values, self._step_measured = proj.step_values()
+            else:
+                values = compiled.finish() if compiled is not None else None
         except Exception as e:  # noqa: BLE001 - only on the very first fused step, see above
             if snapshot is None:
                 raise

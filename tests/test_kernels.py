@@ -236,6 +236,83 @@ def test_update_and_stats_match_torch(dtype, mode):
         _check_stats(scr, meta, shapes, P, block)
 
 
+def _scale_tables(shapes, gen, skip=()):
+    """Random factors along up to two axes of every segment (FSEG rows of launch_sgd_stats) and the
+    reference result: (x.double() · f_A · f_B) rounded once, per segment; segments in `skip` off."""
+    fac, fseg, views = [1.0], [], []
+    for si, shp in enumerate(shapes):
+        axes = [a for a in (0, len(shp) - 1, 1) if a < len(shp)][: 1 + si % 2]  # one or two axes
+        axes = sorted(set(axes))
+        row, fs = [], []
+        for a in axes + [None] * (2 - len(axes)):
+            if a is None:
+                row += [0, 0, 1, 1]
+                continue
+            f = 0.5 + torch.rand(shp[a], generator=gen, dtype=torch.float64)
+            row += [len(fac), 1, math.prod(shp[a + 1:]), shp[a]]
+            fac += f.tolist()
+            view = [1] * len(shp)
+            view[a] = shp[a]
+            fs.append(f.view(view))
+        fseg.append(row + [0 if si in skip else 1])
+        views.append(fs)
+    return (torch.tensor(fac, dtype=torch.float64, device=DEV), torch.tensor(fseg, dtype=torch.int64, device=DEV)), views
+
+
+def _scaled(x, shp, fs, dtype):
+    y = x.double().view(shp)
+    for f in fs:  # the kernel's order: x · f_A · f_B
+        y = y * f.to(y.device)
+    y = y.reshape(-1)
+    return y.to(dtype) if dtype == torch.float64 else y.float().to(dtype)  # once, through fp32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("mode", ["row", "vec", "col"])
+def test_scale_prologue_applies_factors_then_forms_statistics(dtype, mode):
+    # the projection's diagonal action folded into a statistics pass: parameters and momentum
+    # become x · f_A · f_B rounded once (bitwise, as triton_kernels.project), segments switched
+    # off stay as they were, and the statistics are those of the values stored
+    shapes = {"row": SHAPES_ROW, "vec": SHAPES_VEC, "col": SHAPES_COL}[mode]
+    block = {"row": K.WIDE, "vec": K.VEC, "col": K.GRAM_COL}[mode]
+    if mode == "row" and dtype in (torch.bfloat16, torch.float16):
+        block = K.GRAM  # row Gram blocks from the rescaled values (re-read through 32-bit words)
+    gen = torch.Generator().manual_seed(23)
+    skip = (1,)
+    for with_m in (True, False):
+        alloc = _Alloc()
+        tiles, meta, n = _build(shapes, mode, alloc, block)
+        scale, views = _scale_tables(shapes, gen, skip)
+        scr = torch.full((alloc.n,), float("nan"), dtype=torch.float64, device=DEV)
+        p = (torch.randn(n, generator=gen) * 2).to(DEV).to(dtype)
+        m = torch.randn(n, generator=gen).to(DEV).to(dtype)
+        P, M = p.clone(), m.clone()
+        K.launch_sgd_stats(P, None, M if with_m else None, tiles, None, None, scr, block=block, vec=mode == "vec",
+                           gram_r=mode == "row" and block == K.GRAM, gram_c=mode == "col", stats=True, update=False,
+                           scale=scale)
+        off = 0
+        for si, (shp, fs) in enumerate(zip(shapes, views)):
+            sl = slice(off, off + math.prod(shp))
+            off = sl.stop
+            ref_p = p[sl] if si in skip else _scaled(p[sl], shp, fs, dtype)
+            ref_m = m[sl] if (si in skip or not with_m) else _scaled(m[sl], shp, fs, dtype)
+            assert torch.equal(P[sl], ref_p), f"{dtype} {mode} segment {si}: params"
+            assert torch.equal(M[sl], ref_m), f"{dtype} {mode} segment {si}: momentum"
+            if si not in skip:
+                assert not torch.equal(P[sl], p[sl])
+        _check_stats(scr, meta, shapes, P, block)
+
+
+def test_scale_prologue_is_for_statistics_passes_only():
+    tiles, _, n = _build([(3, 4)], "row", _Alloc(), K.WIDE)
+    p = torch.randn(n, device=DEV)
+    with pytest.raises(ValueError, match="statistics-only"):
+        K.launch_sgd_stats(p, p.clone(), None, tiles, None, None, torch.zeros(64, dtype=torch.float64, device=DEV),
+                           block=K.WIDE, vec=False, gram_r=False, gram_c=False, stats=True, update=True, lr=0.1,
+                           scale=(torch.ones(1, dtype=torch.float64, device=DEV),
+                                  torch.zeros((1, 9), dtype=torch.int64, device=DEV)))
+
+
 def test_skip_inactive_found_inf_and_grad_scale():
     shapes = [(7, 13), (3, 5, 7, 2)]
     alloc = _Alloc()

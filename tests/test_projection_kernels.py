@@ -473,14 +473,118 @@ def test_paired_bias_translation_of_a_pre_norm_layer():
     torch.testing.assert_close(b.detach() - b0, -d.expand_as(b0), rtol=1e-9, atol=0)
 
 
+@pytest.mark.parametrize("name,dtype", [(n, torch.float64) for n in CASES] + [("cnn-bn", torch.float32),
+                                                                             ("mlp", torch.float32)])
+def test_folded_apply_equals_apply_then_measure(name, dtype, monkeypatch):
+    # a colour of diagonal families applies its factors inside the next statistics pass (the
+    # statistics kernel's SCALE prologue): bitwise the same parameters, momentum, residuals and
+    # values as the apply kernel followed by a statistics pass, with fewer passes
+    import triton_kernels.sgd_stats as ks
+
+    m, x, y, loss_fn, laws = setup(name)
+    m = m.to(dtype)
+    x = x.to(dtype) if x.is_floating_point() else x
+    laws = LawSet(laws.families, laws.param_shapes, params=dict(m.named_parameters()))
+    h0 = laws.evaluate(m)
+    opt = fused_sgd(m, laws, lr=0.01, momentum=0.9)
+    sgd_steps(m, opt, x, y, loss_fn, 2)
+    state0 = [(b.param.clone(), b.mom.clone()) for g in opt._flat for b in g.buffers]
+    import consopt.fused as cf
+
+    folded_launches = []  # statistics launches: True where an apply was folded in
+    measured = []  # separate statistics passes
+    real, real_measure = ks.launch_sgd_stats, cf.law_values_only
+    monkeypatch.setattr(ks, "launch_sgd_stats",
+                        lambda *a, **k: (folded_launches.append(k.get("scale") is not None), real(*a, **k))[1])
+    monkeypatch.setattr(cf, "law_values_only", lambda c: (measured.append(1), real_measure(c))[1])
+    results = []
+    for fold in (True, False):
+        for b, (p0, m0) in zip([b for g in opt._flat for b in g.buffers], state0):
+            b.param.copy_(p0)
+            b.mom.copy_(m0)
+        proj = FlatProjector(laws, opt._tracker.evaluator.tensors, opt._flat)
+        proj.fold = fold
+        proj._build()
+        folded_launches.clear()
+        measured.clear()
+        stats = proj(h0)
+        assert stats.converged and stats.rounds >= 1
+        n_folded = sum(p["fold"] is not None for p in proj._plans)
+        assert (any(folded_launches) == (n_folded > 0)) and (fold or n_folded == 0)
+        results.append((stats, proj.values, [(b.param.clone(), b.mom.clone()) for g in opt._flat for b in g.buffers],
+                        n_folded, len(measured)))
+    (s1, v1, b1, nf, passes1), (s2, v2, b2, _, passes2) = results
+    if name in ("mlp", "cnn-bn"):  # colours of diagonal families only
+        assert nf >= 1 and passes1 < passes2
+    assert (s1.rounds, s1.max_residual, s1.skipped) == (s2.rounds, s2.max_residual, s2.skipped)
+    bits = lambda t: t.view(torch.uint8)  # noqa: E731 (bitwise, padding between segments included)
+    for (p1, m1), (p2, m2) in zip(b1, b2):
+        assert torch.equal(bits(p1), bits(p2)) and torch.equal(bits(m1), bits(m2))
+    for k in v1:
+        assert torch.equal(v1[k], v2[k])
+    assert rel_dev(laws, dict(m.named_parameters()), h0) <= (DEV_TOL if dtype == torch.float64 else 1e-6)
+
+
+@pytest.mark.parametrize("name", ["mlp", "attention"])
+def test_fused_step_forms_the_first_measurement(name, monkeypatch):
+    # consopt.SGD(projection="symmetry") on the fused path steps over the projector's own split
+    # statistics (`FlatProjector.step_laws`): the projection then starts without a statistics
+    # pass, with bitwise the same parameters, momentum and law values as a step over the
+    # tracker's laws followed by a measurement; the MLP (one colour, folded) reads no pass at all
+    import consopt.fused as cf
+
+    m, x, y, loss_fn, laws = setup(name)
+    ref = copy.deepcopy(m)
+    h0 = laws.evaluate(m)
+    opts = []
+    for model in (m, ref):
+        lw = LawSet(laws.families, laws.param_shapes, params=dict(model.named_parameters()))
+        opts.append(fused_sgd(model, lw, lr=0.02, momentum=0.9, projection="symmetry"))
+    measured = []
+    real = cf.law_values_only
+    monkeypatch.setattr(cf, "law_values_only", lambda c: (measured.append(1), real(c))[1])
+    for step in range(3):
+        passes = []
+        for model, o in zip((m, ref), opts):
+            if o._projector:
+                o._projector.measure_in_step = o is opts[0]
+            measured.clear()
+            o.zero_grad()
+            loss_fn(model(x), y).backward()
+            o.step()
+            passes.append(len(measured))
+            assert o.projection_stats.converged and o.projection_stats.rounds >= 1
+        if step > 0:  # (the projector is built at the first projected step)
+            assert passes[0] < passes[1]
+            if name == "mlp":
+                assert passes[0] == 0
+        for p, q in zip(m.parameters(), ref.parameters()):
+            assert torch.equal(p, q)
+            assert torch.equal(opts[0].state[p]["momentum_buffer"], opts[1].state[q]["momentum_buffer"])
+        d0, d1 = opts[0].deviation(), opts[1].deviation()
+        assert all(torch.equal(d0[k], d1[k]) for k in d0)
+    assert rel_dev(laws, dict(m.named_parameters()), h0) <= DEV_TOL
+    sc = laws.scale(m)
+    for k, v in opts[0].deviation().items():
+        assert float((v.abs() / sc[k].clamp_min(1e-300)).max()) <= DEV_TOL
+
+
 def test_first_flat_projection_failure_restores_and_falls_back(monkeypatch):
     import triton_kernels.project as kp
+    import triton_kernels.sgd_stats as ks
 
     def broken(p_flat, m_flat, *a, **k):  # scribble, then fail as a kernel that cannot compile would
         p_flat.add_(1.0)
         if m_flat is not None:
             m_flat.add_(1.0)
         raise RuntimeError("simulated Triton compilation error")
+
+    stats_launch = ks.launch_sgd_stats
+
+    def broken_folded(p_flat, g_flat, m_flat, *a, **k):  # the apply folded into a statistics pass
+        if k.get("scale") is None:
+            return stats_launch(p_flat, g_flat, m_flat, *a, **k)
+        return broken(p_flat, m_flat)
 
     m, x, y, loss_fn, laws = shallow()
     ref = copy.deepcopy(m)
@@ -489,6 +593,7 @@ def test_first_flat_projection_failure_restores_and_falls_back(monkeypatch):
     rlaws = LawSet(laws.families, laws.param_shapes, params=dict(ref.named_parameters()))
     ropt = consopt.SGD(ref.parameters(), lr=0.05, momentum=0.9, laws=rlaws, projection="symmetry", fused=False)
     monkeypatch.setattr(kp, "launch_symmetry_apply", broken)
+    monkeypatch.setattr(ks, "launch_sgd_stats", broken_folded)
     with pytest.warns(RuntimeWarning, match="simulated Triton compilation error"):
         sgd_steps(m, opt, x, y, loss_fn, 1)
     assert opt._projector is False and opt._step_impl() == "fused"  # the step stays fused
@@ -577,7 +682,8 @@ def test_a_step_already_on_the_level_set_skips_the_projection():
     proj = opt._projector
     calls = []
     real = proj._measure.values
-    proj._measure.values = lambda: (calls.append(1), real())[1]
+    # a statistics pass of its own (`vals` given: statistics the step or a folded apply formed)
+    proj._measure.values = lambda *a, **k: (k.get("vals") is None and calls.append(1), real(*a, **k))[1]
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
     for g in opt.param_groups:
         g["lr"] = 0.0
@@ -590,5 +696,6 @@ def test_a_step_already_on_the_level_set_skips_the_projection():
     for g in opt.param_groups:
         g["lr"] = 0.01
     sgd_steps(m, opt, x, y, loss_fn, 1)
-    assert opt.projection_stats.rounds >= 1 and calls
+    assert opt.projection_stats.rounds >= 1
+    assert not all(torch.equal(p.detach(), before[n]) for n, p in m.named_parameters())
     assert rel_dev(laws, dict(m.named_parameters()), h0) <= DEV_TOL

@@ -24,6 +24,10 @@ Triton interpreter can run them):
     (inputs are exact fp32/bf16/fp16 values widened to fp64, so every product is exact
     and only the float64 additions round). Every statistic goes to its own slot of a
     float64 scratch buffer: no atomics, deterministic.
+    Statistics-only launches may first apply the projection's diagonal action (``SCALE``:
+    x ← x · F[oA + sA·iA(e)] · F[oB + sB·iB(e)] per element, parameters and momentum, rounded
+    once as ``triton_kernels.project`` does) and form the statistics of the values stored: a
+    projection colour and the next measurement in one pass.
 
 ``gram_kernel``
     Gram blocks that do not fit one tile (units > 64, strided/grouped units, axis >= 2),
@@ -142,7 +146,7 @@ def _scalar(hi, mid, lo, F64: tl.constexpr):
 
 @triton.jit
 def sgd_stats_kernel(
-    P, G, M, TILES, ACTIVE, HASBUF, GOFF, SCR,
+    P, G, M, TILES, ACTIVE, HASBUF, GOFF, SCR, FAC, FSEG,
     lr_hi, lr_mid, lr_lo, LR_PTR, wd_hi, wd_mid, wd_lo, mom_hi, mom_mid, mom_lo, dmp_hi, dmp_mid, dmp_lo,
     GS_PTR, INF_PTR,
     NC: tl.constexpr, BX: tl.constexpr, BY: tl.constexpr,
@@ -150,7 +154,7 @@ def sgd_stats_kernel(
     UPDATE: tl.constexpr, USE_MOM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
     HAS_WD: tl.constexpr, LR_FROM_PTR: tl.constexpr, HAS_GS: tl.constexpr, HAS_INF: tl.constexpr,
     BF16: tl.constexpr, F64: tl.constexpr, HAS_GOFF: tl.constexpr, HALF: tl.constexpr, ALIGNED: tl.constexpr,
-    GALIGNED: tl.constexpr,
+    GALIGNED: tl.constexpr, SCALE: tl.constexpr, SCALE_M: tl.constexpr, IDX64: tl.constexpr,
 ):
     pid = tl.program_id(0)
     tp = TILES + pid * NC
@@ -187,6 +191,23 @@ def sgd_stats_kernel(
             cb = tl.multiple_of(cb, 4)
             ny = tl.multiple_of(ny, 4)
             cend = tl.multiple_of(cend, 4)
+
+    if SCALE:  # this segment's two factor axes (FSEG row: oA, sA, postA, dimA, oB, sB, postB, dimB, on)
+        fp = FSEG + seg * 9
+        f_oa = tl.load(fp + 0)
+        f_sa = tl.load(fp + 1)
+        f_pa = tl.load(fp + 2)
+        f_da = tl.load(fp + 3)
+        f_ob = tl.load(fp + 4)
+        f_sb = tl.load(fp + 5)
+        f_pb = tl.load(fp + 6)
+        f_db = tl.load(fp + 7)
+        f_on = tl.load(fp + 8) != 0
+        if not IDX64:  # segment-local index arithmetic in int32 (cheaper division on the GPU)
+            f_pa = f_pa.to(tl.int32)
+            f_da = f_da.to(tl.int32)
+            f_pb = f_pb.to(tl.int32)
+            f_db = f_db.to(tl.int32)
 
     if UPDATE:
         act = tl.load(ACTIVE + seg) != 0
@@ -249,6 +270,23 @@ def sgd_stats_kernel(
                 mask = rmask[:, None] & cmask[None, :]
                 off = base + rows[:, None] * K + cols[None, :]
             p = _load_vals(P + off, mask, BF16, F64)
+            if SCALE:
+                # the projection's diagonal action, applied before the statistics are formed:
+                # x · F[oA + sA·iA(e)] · F[oB + sB·iB(e)] in float64, rounded once to the element
+                # type (through fp32 for fp16/bf16), as triton_kernels.project does
+                e = off - base
+                if not IDX64:
+                    e = e.to(tl.int32)
+                fa = tl.load(FAC + f_oa + f_sa * ((e // f_pa) % f_da), mask=mask, other=1.0)
+                fb = tl.load(FAC + f_ob + f_sb * ((e // f_pb) % f_db), mask=mask, other=1.0)
+                smask = _band(mask, f_on)
+                pst, ps = _round_store(_ct(p.to(tl.float64) * fa * fb, F64), P, BF16, F64)
+                tl.store(P + off, pst, mask=smask)
+                p = tl.where(f_on, ps, p)
+                if SCALE_M:  # the momentum takes the same action (a velocity: v' = g v)
+                    z = _load_vals(M + off, smask, BF16, F64).to(tl.float64) * fa * fb
+                    zst, _z = _round_store(_ct(z, F64), M, BF16, F64)
+                    tl.store(M + off, zst, mask=smask)
             if UPDATE:
                 um = _band(mask, act)
                 g = _load_vals(G + gd + off, um, BF16, F64)
@@ -297,7 +335,7 @@ def sgd_stats_kernel(
                     if GRAM_R or GRAM_C:
                         xg = x
                         if HALF:  # the Gram operands re-read through 32-bit words (see _load16_f64)
-                            if UPDATE:
+                            if UPDATE or SCALE:
                                 tl.debug_barrier()  # this program's stores above are visible to all its threads
                             xg = _load16_f64(P, off, mask, BF16)
                         if GRAM_R:
@@ -401,8 +439,15 @@ def split_scalar(x: float):
 
 def launch_sgd_stats(p_flat, g_flat, m_flat, tiles, active, hasbuf, scratch, *, block, vec, gram_r, gram_c,
                      stats, update, colacc=False, aligned=False, galigned=False, goff=None, lr=0.0, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
-                     maximize=False, grad_scale=None, found_inf=None, num_warps=None):
+                     maximize=False, grad_scale=None, found_inf=None, scale=None, idx64=False, num_warps=None):
     """One launch over the rows of `tiles` (int64 [n, NCOL]) of one flat buffer.
+
+    `scale` (statistics-only launches): (factors, seg_table) — the projection's diagonal action
+    applied to every element before its statistics are formed, on the parameters and (when
+    `m_flat` is given) the momentum: x ← x · F[oA + sA·iA(e)] · F[oB + sB·iB(e)] with F a float64
+    factor buffer and seg_table int64 [n_segments, 9] rows (oA, sA, postA, dimA, oB, sB, postB,
+    dimB, on) as in `triton_kernels.project` (segments with on = 0 are read, not written).
+    `idx64`: segment-local indices need int64 (a segment of ≥ 2³¹ elements).
 
     `goff` (int64 [n_segments], optional): element offset of each segment's grad relative to
     `g_flat` (default: the grad of segment s sits at the segment's own base in `g_flat`).
@@ -415,6 +460,8 @@ def launch_sgd_stats(p_flat, g_flat, m_flat, tiles, active, hasbuf, scratch, *, 
     n = int(tiles.shape[0])
     if n == 0:
         return
+    if scale is not None and update:
+        raise ValueError("launch_sgd_stats: `scale` applies to statistics-only launches (update=False)")
     bx, by = block
     bf16 = p_flat.dtype == torch.bfloat16
     f64 = p_flat.dtype == torch.float64
@@ -428,11 +475,13 @@ def launch_sgd_stats(p_flat, g_flat, m_flat, tiles, active, hasbuf, scratch, *, 
     P = _bits(p_flat)
     dummy = scratch
     G = _bits(g_flat) if update else P
-    Mb = _bits(m_flat) if use_mom else P
+    scale_m = scale is not None and m_flat is not None
+    Mb = _bits(m_flat) if (use_mom or scale_m) else P
+    fac, fseg = scale if scale is not None else (scratch, tiles)
     kw = {"num_warps": num_warps if num_warps is not None else WARPS.get((bx, by), 4 if bx * by <= 1024 else 8)}
     sgd_stats_kernel[(n,)](
         P, G, Mb, tiles, active if update else tiles, hasbuf if use_mom else tiles,
-        goff if (update and goff is not None) else tiles, scratch,
+        goff if (update and goff is not None) else tiles, scratch, fac, fseg,
         *lr3, lr_ptr if lr_ptr is not None else dummy, *wd3, *mo3, *dm3,
         grad_scale if grad_scale is not None else dummy, found_inf if found_inf is not None else dummy,
         NC=NCOL, BX=bx, BY=by, VECM=bool(vec), GRAM_R=bool(gram_r), GRAM_C=bool(gram_c),
@@ -441,7 +490,8 @@ def launch_sgd_stats(p_flat, g_flat, m_flat, tiles, active, hasbuf, scratch, *, 
         MAXIMIZE=bool(update and maximize), HAS_WD=has_wd, LR_FROM_PTR=lr_ptr is not None,
         HAS_GS=bool(update and grad_scale is not None), HAS_INF=bool(update and found_inf is not None),
         BF16=bf16, F64=f64, HAS_GOFF=bool(update and goff is not None), HALF=p_flat.element_size() == 2,
-        ALIGNED=bool(aligned), GALIGNED=bool(aligned and galigned and update and goff is not None), **kw,
+        ALIGNED=bool(aligned), GALIGNED=bool(aligned and galigned and update and goff is not None),
+        SCALE=scale is not None, SCALE_M=scale_m, IDX64=bool(idx64), **kw,
     )
 
 
