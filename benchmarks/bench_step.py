@@ -323,9 +323,11 @@ def bench_projection(ls, shapes, device, timer, lr, row):
         h0 = F.law_values_only(c)
     rounds = []
 
-    def fn():  # as consopt.SGD runs it: the step's own law values let a step within tolerance skip
-        vals = F.fused_sgd_step(g, lr, momentum=0.9, compiled_laws=c)
-        st = proj(h0, values=vals)
+    def fn():  # as consopt.SGD runs it: the step forms the projector's first measurement (its split
+        # statistics; h for a step within tolerance to skip), colours of diagonal families fold
+        F.fused_sgd_step(g, lr, momentum=0.9, compiled_laws=proj.step_laws())
+        vals, measured = proj.step_values()
+        st = proj(h0, values=vals, measured=measured)
         rounds.append(st.rounds)
 
     with torch.no_grad():

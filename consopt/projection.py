@@ -147,7 +147,12 @@ def _rescale(p, c, h0):
     and consumer sums of squares): u = a² is the positive root of p u² − h₀ u − c = 0 (u = −c/h₀
     when the producer side is zero). Returns (a, ok); a = 1 where no positive root exists."""
     disc = h0 * h0 + 4 * p * c
-    u = torch.where(p > 0, (h0 + torch.sqrt(disc.clamp_min(0))) / (2 * p).clamp_min(1e-300), -c / h0)
+    root = torch.sqrt(disc.clamp_min(0))
+    # h₀ < 0: the conjugate form 2c / (√disc − h₀), free of the cancellation in h₀ + √disc when
+    # 4pc ≪ h₀² (a small producer against a large consumer: a BatchNorm's affine feeding a wide
+    # conv left 5e-12 in float64); it is −c/h₀ when p = 0
+    u = torch.where(h0 < 0, 2 * c / (root - h0),
+                    torch.where(p > 0, (h0 + root) / (2 * p).clamp_min(1e-300), -c / h0))
     ok = (p + c > 0) & torch.isfinite(u) & (u > 0)
     return torch.where(ok, torch.sqrt(torch.where(ok, u, torch.ones_like(u))), torch.ones_like(u)), ok
 
@@ -783,6 +788,7 @@ class _ColouredProjector:
 
     relax = True  # over-relax the rounds once their rate is measured
     joint_diag = True  # diagonal families in one colour, solved together (`_joint_rescale`)
+    eliminate = True  # later colours' row translations folded into colour 0's closed form
 
     def __init__(self, laws: LawSet, params_by_name):
         self.laws = laws
@@ -893,6 +899,8 @@ class _ColouredProjector:
         for ci, c in enumerate(colours):
             st = self._measure if ci == 0 else self._make_stats(c)
             self._plans.append(self._plan(c, st))
+        if self._plans:
+            self._plans[0]["elim"] = self._plan_elimination(colours) if self.eliminate else None
         self._build_measurement(fams)
 
     def _colour(self, fams) -> list:
@@ -1036,8 +1044,65 @@ class _ColouredProjector:
                 u = np.repeat(np.arange(idx.shape[0]), idx.shape[1])
                 src[seg_fac[key][axis] + idx.reshape(-1)] = 1 + uo[f.name] + u + (0 if sign > 0 else nu)
         plan["F_src"] = T(src)
+        plan["seg_fac"], plan["src"] = seg_fac, src  # (host copies: `_plan_elimination`, `_plan_fold`)
         self._plan_apply(plan, fams, seg_fac, uo, nu, do)
         return plan
+
+    def _plan_elimination(self, colours) -> dict | None:
+        """Tables that fold the translations of later colours into colour 0's diagonal closed form.
+
+        A translation (vector form) shifts rows of a tensor W whose columns are diagonal slices
+        (a classifier's weight: its rows by the cross-entropy translation, its columns by the
+        stream law of the features it reads). Gauss–Seidel between the two converges linearly
+        (3–9 rounds for the ResNets of benchmarks/bench_step.py), but the shift that follows the
+        rescale in the same round is known in closed form: with S = Σ_rows W[:, j] (U rows) and the
+        shift d = (h₀_t − S/a)/U per row, a consumer column's Σ (W/a + d)² = (Q − S²/U)/a² + h₀_t²/U
+        (producer: a²(Q − S²/U) + h₀_t²/U). So unit j's closed form takes c − S²/U and h₀ + h₀_t²/U
+        (producer: p − S²/U, h₀ − h₀_t²/U) and lands, after the translation colour's exact shift,
+        on both level sets in one round. Used where W is scaled along axis 1 only; each entry of the
+        translation function sums the U rows of one term (vector form). Anything else coupled is
+        left to the rounds (this only makes the first guess better; the rounds stop on the
+        residual as before)."""
+        if not self._plans or self._plans[0]["diag"] is None:
+            return None
+        plan = self._plans[0]
+        nu = plan["diag"]["n"]
+        st = self._measure
+        v_idx, h_idx, unit, prod, rows = [], [], [], [], []
+        for c in colours[1:]:
+            for f in c:
+                if _kind(f) != "shift" or f.form != "vector" or f in self._fallback_fams:
+                    continue
+                vpos = st.index(f, "", math.prod(self._shape[f.name]))
+                col = 0
+                for key, axis, idx, sign in self._fps[f.name]:
+                    shape = self._key_shape(key)
+                    K = math.prod(shape[1:]) if len(shape) > 1 else 1
+                    U, S = idx.shape
+                    width = S * K
+                    fac = plan["seg_fac"].get(key, {})
+                    if axis == 0 and len(shape) >= 2 and set(fac) == {1}:
+                        post = math.prod(shape[2:])
+                        k = np.arange(K)
+                        src = plan["src"][fac[1] + (k // post) % shape[1]]  # per column: 1 + unit (+ nu)
+                        for s_ in range(S):
+                            e = col + s_ * K + k
+                            on = src > 0
+                            v_idx.append(vpos[e[on]])
+                            h_idx.append(self._meas_off[f.name] + e[on])
+                            u = src[on] - 1
+                            unit.append(u % nu)
+                            prod.append(u < nu)
+                            rows.append(np.full(int(on.sum()), U, np.int64))
+                    col += width
+        if not v_idx:
+            return None
+        T = self._T
+        cat = np.concatenate
+        pr = cat(prod).astype(np.float64)
+        return dict(v=T(cat(v_idx)), h0=T(cat(h_idx)), unit=T(cat(unit)),
+                    prod=torch.as_tensor(pr, device=self._dev),
+                    rows=torch.as_tensor(cat(rows).astype(np.float64), device=self._dev))
 
     def _build_measurement(self, fams):
         """Index tables that turn the colour-0 statistics into h, scale and residual of every function."""
@@ -1212,6 +1277,18 @@ class _ColouredProjector:
         d = plan["diag"]
         if d is not None:
             p, c, h0 = v[d["p"]], v[d["c"]], H0[d["h0"]]
+            el = plan.get("elim")
+            if el is not None:  # the translations of later colours, in closed form (`_plan_elimination`)
+                n = p.numel()
+                sq = v[el["v"]] ** 2 / el["rows"]
+                t2 = H0[el["h0"]] ** 2 / el["rows"]
+                z = torch.zeros(n, dtype=torch.float64, device=dev)
+                dp = z.index_add(0, el["unit"], sq * el["prod"])
+                dc = z.index_add(0, el["unit"], sq * (1 - el["prod"]))
+                dh = z.index_add(0, el["unit"], t2 * (1 - 2 * el["prod"]))
+                p2, c2 = p - dp, c - dc
+                use = (p2 > 1e-12 * p) & (c2 >= 0)  # (Q − S²/U ≥ 0 up to rounding; else as before)
+                p, c, h0 = torch.where(use, p2, p), torch.where(use, c2.clamp_min(0), c), torch.where(use, h0 + dh, h0)
             joint = bool(plan["couple"])
             if joint:  # coupled units already on the level set move by ≤ tol/10 either way: closed form
                 cu = plan["coupled_units"]
