@@ -569,6 +569,39 @@ def test_fused_step_forms_the_first_measurement(name, monkeypatch):
         assert float((v.abs() / sc[k].clamp_min(1e-300)).max()) <= DEV_TOL
 
 
+def test_fused_projection_with_two_param_groups_follows_the_pytorch_path():
+    # two parameter groups (their own flat buffers and learning rates): the step forms the
+    # projector's measurement over both, the projection acts on both, and the trajectory is the
+    # PyTorch path's (project() on the parameter tensors)
+    m, x, y, loss_fn, laws = setup("mlp")
+    ref = copy.deepcopy(m)
+    h0 = laws.evaluate(m)
+    opts = []
+    for model, fused in ((m, True), (ref, False)):
+        ps = list(model.parameters())
+        groups = [{"params": ps[:2], "lr": 0.03}, {"params": ps[2:]}]
+        lw = LawSet(laws.families, laws.param_shapes, params=dict(model.named_parameters()))
+        o = consopt.SGD(groups, lr=0.01, momentum=0.9, laws=lw, projection="symmetry", fused=None if fused else False)
+        o._force_triton = fused
+        opts.append(o)
+    for _ in range(3):
+        for model, o in zip((m, ref), opts):
+            o.zero_grad()
+            loss_fn(model(x), y).backward()
+            o.step()
+            assert o.projection_stats.converged
+    assert opts[0]._step_impl() == "fused" and len(opts[0]._flat) == 2 and opts[0]._projector
+    assert opts[1]._step_impl() != "fused"
+    for p, q in zip(m.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(opts[0].state[p]["momentum_buffer"], opts[1].state[q]["momentum_buffer"],
+                                   rtol=1e-8, atol=1e-12)
+    assert rel_dev(laws, dict(m.named_parameters()), h0) <= DEV_TOL
+    sc = laws.scale(m)
+    for k, v in opts[0].deviation().items():
+        assert float((v.abs() / sc[k].clamp_min(1e-300)).max()) <= DEV_TOL
+
+
 def test_first_flat_projection_failure_restores_and_falls_back(monkeypatch):
     import triton_kernels.project as kp
     import triton_kernels.sgd_stats as ks
