@@ -1077,7 +1077,7 @@ class _ColouredProjector:
                 col = 0
                 for key, axis, idx, sign in self._fps[f.name]:
                     shape = self._key_shape(key)
-                    K = math.prod(shape[1:]) if len(shape) > 1 else 1
+                    K = math.prod(shape) // shape[axis]  # entries per slice (the term's own axis)
                     U, S = idx.shape
                     width = S * K
                     fac = plan["seg_fac"].get(key, {})

@@ -471,6 +471,40 @@ def test_row_translations_of_a_later_colour_fold_into_the_closed_form(backend):
     assert float((o1 - o).norm() / o.norm()) <= 1e-10
 
 
+@pytest.mark.parametrize("xshape", [(2, 6), (4, 2)])
+def test_translation_elimination_counts_each_terms_own_width(xshape):
+    """A translation whose first term shifts X along axis 1 (K = numel / shape[1] entries per slice)
+    and whose second shifts W's rows, W's columns being consumer slices of a rescale law: the
+    second term's entries sit after the first's whole width; folded in, one round lands."""
+    from consopt.laws import Family, LawSet, Term
+
+    g = torch.Generator().manual_seed(0)
+    shapes = dict(X=xshape, W=(3, 4), V=(4, 5))
+    start = {k: torch.randn(*v, generator=g, dtype=torch.float64) for k, v in shapes.items()}
+    unit = torch.arange(4).view(4, 1)
+    rescale = Family("D", "rescale", "diag", 2, [Term("V", 0, unit, 1), Term("W", 1, unit, -1)])
+    shift = Family("T", "translation", "vector", 1, [Term("X", 1, torch.arange(xshape[1]).view(-1, 1), 1),
+                                                     Term("W", 0, torch.arange(3).view(3, 1), 1)])
+    laws = LawSet([rescale, shift], {k: torch.Size(v) for k, v in shapes.items()})
+    h0 = laws.evaluate(start)
+    moved = {k: v * torch.exp(0.3 * torch.randn(v.shape, generator=g, dtype=torch.float64))
+             + 0.2 * torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in start.items()}
+    rounds = []
+    for eliminate in (True, False):
+        ps = {k: v.clone() for k, v in moved.items()}
+        proj = TensorProjector(laws, ps, backend="eager")
+        proj.eliminate = eliminate
+        proj._build()
+        if eliminate:  # W's entries of T: after X's S·K entries (S = 1, K = numel(X) / shape[1])
+            el = proj._plans[0]["elim"]
+            off = proj._meas_off["T"] + xshape[0]
+            assert el["h0"].tolist() == list(range(off, off + 4))
+        st = proj(h0, max_rounds=200)
+        assert st.converged and rel_dev(laws, ps, h0) <= DEV_TOL
+        rounds.append(st.rounds)
+    assert rounds[0] == 1 and rounds[1] > 5
+
+
 def _chain_laws(params, spec):
     from consopt.laws import Family, LawSet, Term
 
