@@ -296,6 +296,7 @@ class SGD(torch.optim.SGD):
         d.setdefault("_tracker", None)
         d.setdefault("projection_stats", None)
         d["_use_fused"], d["_flat"], d["_compiled"], d["_published"] = None, None, None, {}
+        d["_published_versions"] = {}
         d["_fused_ok"] = False
         d["_projector"] = None
         d["_tensor_projector"] = None
@@ -455,6 +456,7 @@ class SGD(torch.optim.SGD):
             check_triton_kernels()
             self._flat = [FlatGroup(g["params"]) for g in self.param_groups]
             self._published = {}
+            self._published_versions = {}
             if self._tracker is not None:
                 self._compiled = compile_laws(self.laws, self._tracker.evaluator.tensors, self._flat)
         self._sync_momentum_in()
@@ -525,12 +527,19 @@ class SGD(torch.optim.SGD):
                 self._published.pop(id(p), None)
 
     def _sync_momentum_out(self) -> None:
-        """Publish the flat momentum views in self.state (torch's state_dict reads them there)."""
-        for group, flat in zip(self.param_groups, self._flat):
+        """Publish the flat momentum views in self.state (torch's state_dict reads them there).
+        A group that rebuilt its buffers (a parameter's .data replaced, the model moved) carried
+        the momentum into new ones: its views are published again (the old ones are stale)."""
+        versions = self.__dict__.setdefault("_published_versions", {})
+        for gi, (group, flat) in enumerate(zip(self.param_groups, self._flat)):
             if group["momentum"] == 0:
                 continue
+            stale = set()
+            if versions.get(gi) != flat.version:
+                stale = {id(p) for p in group["params"] if self._published.pop(id(p), None) is not None}
+                versions[gi] = flat.version
             for i, p in enumerate(group["params"]):
-                if p.grad is None or id(p) in self._published:
+                if (p.grad is None and id(p) not in stale) or id(p) in self._published:
                     continue
                 view = flat.momentum_buffer(i)
                 if view is not None:

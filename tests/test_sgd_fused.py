@@ -140,3 +140,35 @@ def test_fused_path_with_a_grouped_conv_law():
     assert max(float(d.abs().max()) for d in dev.values()) > 0
     for k, d in dev.items():
         assert float(((d - (now[k] - h0[k])).abs() / scale[k]).max()) <= 1e-12
+
+
+def test_replacing_a_parameters_data_republishes_every_momentum_buffer():
+    # p.data = ... makes the flat group rebuild its buffers (the momentum carried over): the views
+    # in opt.state, and so state_dict, must be the new buffers' (they were the stale old ones)
+    ref = tiny()
+    m = copy.deepcopy(ref)
+    opt = consopt.SGD(m.parameters(), lr=0.05, momentum=0.9)
+    opt._force_triton = True
+    topt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9, foreach=False)
+    for model, o in ((m, opt), (ref, topt)):
+        run(model, o, 2)
+        w = next(model.parameters())
+        w.data = w.data.clone()
+        run(model, o, 2, start=2)
+    assert opt._step_impl() == "fused"
+    sd, tsd = opt.state_dict(), topt.state_dict()
+    for i, (p, q) in enumerate(zip(m.parameters(), ref.parameters())):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(opt.state[p]["momentum_buffer"], topt.state[q]["momentum_buffer"],
+                                   rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(sd["state"][i]["momentum_buffer"], tsd["state"][i]["momentum_buffer"],
+                                   rtol=1e-6, atol=1e-7)
+    # and a run resumed from that checkpoint continues as torch's
+    m2 = copy.deepcopy(m)
+    opt2 = consopt.SGD(m2.parameters(), lr=0.05, momentum=0.9)
+    opt2._force_triton = True
+    opt2.load_state_dict(copy.deepcopy(sd))
+    run(m2, opt2, 2, start=4)
+    run(ref, topt, 2, start=4)
+    for p, q in zip(m2.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
