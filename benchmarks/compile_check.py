@@ -118,8 +118,24 @@ def drive(level: str) -> None:
                 fused_sgd_step(group, torch.tensor(0.01), momentum=0.9, compiled_laws=compiled,
                                grad_scale=torch.tensor(2.0), found_inf=torch.tensor(0.0))
             fused_sgd_step(group, 0.01, momentum=0.9)  # no laws: plain tables
+            _drive_folded(group, compiled)
         model.float()
     _drive_projection(dtypes)
+
+
+def _drive_folded(group, compiled) -> None:
+    """The statistics launches with the projection's SCALE prologue (a colour's apply folded into
+    the next measurement, `FlatProjector._apply_folded`), on every tile variant of the step tables."""
+    from triton_kernels import sgd_stats as K
+
+    F = torch.ones(1, dtype=torch.float64)
+    for bi, b in enumerate(group.buffers):
+        fseg = torch.zeros((max(len(b.segs), 1), 9), dtype=torch.int64)
+        fseg[:, [2, 3, 6, 7, 8]] = 1
+        for (bx, by, vec, gr, gc, ca, al), table in compiled.step_tables(0, bi):
+            K.launch_sgd_stats(b.param, None, b.mom, table, None, None, compiled.scratch, block=(bx, by), vec=vec,
+                               gram_r=gr, gram_c=gc, colacc=ca, aligned=al, stats=True, update=False,
+                               scale=(F, fseg))
 
 
 def _drive_projection(dtypes) -> None:
