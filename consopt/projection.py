@@ -1184,7 +1184,7 @@ class _ColouredProjector:
         tol = max(tol, 2 * eps) if eps > torch.finfo(torch.float64).eps else tol
         self._tol = tol
         stats = ProjectionStats()
-        if values is not None and self._last is not None:
+        if values is not None and self._last is not None and measured is None:
             last_scale, last_ok = self._last
             H = torch.cat([values[f.name].reshape(-1).to(device=dev, dtype=torch.float64) for f in laws.families]) \
                 if laws.families else H0
@@ -1195,6 +1195,10 @@ class _ColouredProjector:
                 self.values = {f.name: values[f.name] for f in laws.families}
                 return stats
         ok = torch.ones(self._n_units, dtype=torch.bool, device=dev)
+        if measured is not None and self._last is not None:
+            # round 0 is the skip test (one host sync less): units skipped last time stay out of its
+            # residual, as above; every round's actions set their flags afresh
+            ok = self._last[1].clone()
         history = []
         scale = None
         sor = _Relaxation(self.relax, self._carry)

@@ -378,6 +378,34 @@ def test_dead_unit_is_skipped_and_counted():
     assert float(m[0].weight.detach()[5].abs().max()) == 0.0
 
 
+def test_dead_unit_through_the_optimizer_keeps_the_skip_semantics():
+    # consopt.SGD's fused path hands the step's measurement to the projector, whose round 0 is
+    # then the skip test: a unit that died after θ_0 is skipped and counted every step, and a
+    # step that moves nothing returns after round 0 with the dead unit still left out
+    m, x, y, loss_fn, laws = shallow()
+    h0 = laws.evaluate(m)
+    with torch.no_grad():
+        m[0].weight[5] = 0
+        m[0].bias[5] = 0
+        m[2].weight[:, 5] = 0
+    opt = fused_sgd(m, laws, lr=0.05, momentum=0.9, projection="symmetry")
+    for _ in range(3):
+        sgd_steps(m, opt, x, y, loss_fn, 1)
+        st = opt.projection_stats
+        assert st.converged and st.skipped == 1 and st.rounds >= 1
+        assert all(torch.isfinite(p).all() for p in m.parameters())
+    assert opt._projector and opt._projector.measure_in_step
+    for g in opt.param_groups:
+        g["lr"] = 0.0
+    sgd_steps(m, opt, x, y, loss_fn, 1)
+    st = opt.projection_stats
+    assert st.rounds == 0 and st.converged and st.skipped == 1
+    (fam,) = laws.keys()
+    vals, sc = laws.evaluate(m), laws.scale(m)
+    live = [j for j in range(7) if j != 5]
+    assert float(((vals[fam][live] - h0[fam][live]).abs() / sc[fam][live]).max()) <= DEV_TOL
+
+
 def test_family_the_tables_cannot_express_falls_back_to_per_family_code():
     """A family whose terms overlap each other (here a consumer term listed twice: the action is
     still x ÷ a on those columns) is handled by project()'s own per-family code, every round."""
