@@ -227,6 +227,7 @@ class SGD(torch.optim.SGD):
         self._flat = None  # FlatGroup per param group on the fused path
         self._compiled = None
         self._published = {}  # id(p) -> the momentum view we put in self.state[p]
+        self._published_versions = {}  # group index -> its FlatGroup.version when published
         self._fused_ok = False  # a fused step has completed (kernels compiled and ran)
         self._projector = None  # FlatProjector on the fused path (False: its first use failed)
         self._tensor_projector = None  # TensorProjector elsewhere (symmetry projection)
@@ -530,7 +531,7 @@ class SGD(torch.optim.SGD):
         """Publish the flat momentum views in self.state (torch's state_dict reads them there).
         A group that rebuilt its buffers (a parameter's .data replaced, the model moved) carried
         the momentum into new ones: its views are published again (the old ones are stale)."""
-        versions = self.__dict__.setdefault("_published_versions", {})
+        versions = self._published_versions
         for gi, (group, flat) in enumerate(zip(self.param_groups, self._flat)):
             if group["momentum"] == 0:
                 continue
