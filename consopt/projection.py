@@ -302,7 +302,7 @@ def _lyap_in_basis(basis, R):
     return U @ (Rt * inv) @ U.mT, Rt * keep
 
 
-def _lyapunov(S, R, cache: dict | None = None, key=None):
+def _lyapunov(S, R, cache: dict | None = None, key=None, inexact: float = _LYAP_INEXACT):
     """Solve X S + S X = R for symmetric X (S symmetric PSD; a batch [..., r, r] solves each).
     Directions with λ_i + λ_j ≈ 0 are dropped. Returns (X, the dropped directions' mask).
 
@@ -310,7 +310,7 @@ def _lyapunov(S, R, cache: dict | None = None, key=None):
     X ← X + L₀⁻¹(R − XS − SX) (L₀: the Lyapunov operator of the cached S, solved exactly in its
     basis); it contracts by about ‖S − S₀‖·cond(S) / ‖S‖ per iteration, so a few iterations replace
     one `eigh` while S moves slowly (rounds of one call, and steps). Accepted at a relative residual
-    ≤ `_LYAP_INEXACT` (an inexact Newton step: the next round's residual absorbs it), else S is
+    ≤ `inexact` (an inexact Newton step: the next round's residual absorbs it), else S is
     decomposed again; after two corrections the next solve decomposes (the basis follows S)."""
     hit = cache.get(key) if cache is not None else None
     if hit is not None and hit[0].shape == S.shape and not bool(hit[3].any()):
@@ -321,7 +321,7 @@ def _lyapunov(S, R, cache: dict | None = None, key=None):
             X = (X + X.mT) / 2
             XS = X @ S
             dX, Et = _lyap_in_basis(hit, R - (XS + XS.mT))  # S X = (X S)ᵀ for symmetric X, S
-            if float((Et.flatten(-2).norm(dim=-1) / r0).max()) <= _LYAP_INEXACT:
+            if float((Et.flatten(-2).norm(dim=-1) / r0).max()) <= inexact:
                 if it >= 2:  # S has moved away from the basis: decompose at the next solve
                     del cache[key]
                 return X, hit[3]
@@ -789,6 +789,10 @@ class _ColouredProjector:
     relax = True  # over-relax the rounds once their rate is measured
     joint_diag = True  # diagonal families in one colour, solved together (`_joint_rescale`)
     eliminate = True  # later colours' row translations folded into colour 0's closed form
+    matrix_newton = 2  # Newton steps per matrix family and round (on its Grams, composed), while
+    # the previous call took one round (the matrix families then decide the rounds; where couplings
+    # to other colours decide them, as LayerNorm gains feeding attention heads, one step per round
+    # costs less: 153 against 179 ms per projected step for benchmarks/bench_cpu.py's Transformer)
 
     def __init__(self, laws: LawSet, params_by_name):
         self.laws = laws
@@ -797,6 +801,7 @@ class _ColouredProjector:
         self._h0_key = None
         self._last = None  # (scale, ok) of the last measured call: the skip test of the next one
         self._carry = None  # (ω, ρ) the last converged call ended with (`_Relaxation`)
+        self._prev_rounds = None  # rounds of the last call that took any (`matrix_newton`)
         names = laws.param_names
         self._dev = self.params_by_name[names[0]].device if names else torch.device("cpu")
         self._build()
@@ -1194,6 +1199,7 @@ class _ColouredProjector:
                 stats.max_residual, stats.skipped, stats.converged = res, int((~last_ok).sum()), True
                 self.values = {f.name: values[f.name] for f in laws.families}
                 return stats
+        self._newton = self.matrix_newton if self._prev_rounds is None or self._prev_rounds <= 1 else 1
         ok = torch.ones(self._n_units, dtype=torch.bool, device=dev)
         if measured is not None and self._last is not None:
             # round 0 is the skip test (one host sync less): units skipped last time stay out of its
@@ -1221,6 +1227,9 @@ class _ColouredProjector:
             r = torch.where(ok[self._exp], (H - H0).abs() / scale, torch.zeros_like(H))
             res_t = r.max() if r.numel() else torch.zeros((), dtype=torch.float64, device=dev)
             res, skipped = torch.stack([res_t, (~ok).sum().to(torch.float64)]).tolist()
+            # the Lyapunov solves' accuracy: enough for this round's Newton step to land within tol
+            # (its error is about that relative residual times the current one), at most _LYAP_INEXACT
+            self._lyap_tol = min(_LYAP_INEXACT, max(0.5 * tol / max(res, 1e-300), 1e-13))
             stats.max_residual, stats.skipped = res, int(skipped)
             if rnd == max_rounds or res <= tol:
                 break
@@ -1247,6 +1256,7 @@ class _ColouredProjector:
         stats.relaxation = omega
         if stats.rounds > 0:
             self._carry = (sor.omega, sor.rho) if stats.converged and sor.omega > 1.0 else None
+            self._prev_rounds = stats.rounds
         self.values = self._by_family(H)
         self._last = (scale, ok) if scale is not None else None
         return stats
@@ -1308,24 +1318,34 @@ class _ColouredProjector:
         else:
             F = one
         G = {}
-        for r, m in plan["mat"].items():  # one Newton step per family, batched: as _matrix_step / _lyapunov
+        for r, m in plan["mat"].items():  # Newton steps per family, batched: as _matrix_step / _lyapunov
             n = m["n"]
             P = v[m["P"]].view(n, r, r)
             C = v[m["C"]].view(n, r, r)
-            R = H0[m["h0"]].view(n, r, r) - (P - C)
-            R = (R + R.mT) / 2
-            S = P + C
-            X, tiny = _lyapunov((S + S.mT) / 2, R, plan.setdefault("eig", {}), r)
+            h0m = H0[m["h0"]].view(n, r, r)
             eye = torch.eye(r, dtype=torch.float64, device=dev)
-            A = eye + (X if omega == 1.0 else omega * X)
-            inv = torch.linalg.inv_ex(A)
-            Ainv = inv.inverse.mT
-            # a singular or non-finite step is not taken (the family is skipped this round)
-            bad = (inv.info != 0) | ~torch.isfinite(A).flatten(1).all(1) | ~torch.isfinite(Ainv).flatten(1).all(1)
-            A = torch.where(bad[:, None, None], eye, A)
-            Ainv = torch.where(bad[:, None, None], eye, Ainv)
-            G[r] = torch.cat([A, Ainv])  # producers: A, consumers: A⁻ᵀ
-            ok[m["ok"]] = ~tiny.flatten(1).any(1) & ~bad
+            A_all, Ainv_all = eye.expand(n, r, r), eye.expand(n, r, r)
+            good = torch.ones(n, dtype=torch.bool, device=dev)
+            # the Grams move exactly with the action (P → A P Aᵀ, C → A⁻ᵀ C A⁻¹), so further Newton
+            # steps need no measurement: up to `matrix_newton` of them, composed, then applied once
+            # (one step leaves ~res², above float32's tolerance from a drift of 1e-3)
+            for it in range(self._newton if omega == 1.0 else 1):
+                R = h0m - (P - C)
+                R = (R + R.mT) / 2
+                S = P + C
+                X, tiny = _lyapunov((S + S.mT) / 2, R, plan.setdefault("eig", {}), r, self._lyap_tol)
+                A = eye + (X if omega == 1.0 else omega * X)
+                inv = torch.linalg.inv_ex(A)
+                Ainv = inv.inverse.mT
+                # a singular or non-finite step is not taken (the family is skipped this round)
+                bad = (inv.info != 0) | ~torch.isfinite(A).flatten(1).all(1) | ~torch.isfinite(Ainv).flatten(1).all(1)
+                A = torch.where(bad[:, None, None], eye, A)
+                Ainv = torch.where(bad[:, None, None], eye, Ainv)
+                good = good & ~tiny.flatten(1).any(1) & ~bad
+                A_all, Ainv_all = A @ A_all, Ainv @ Ainv_all
+                P, C = A @ P @ A.mT, Ainv @ C @ Ainv.mT
+            G[r] = torch.cat([A_all, Ainv_all])  # producers: A, consumers: A⁻ᵀ (bad steps: I)
+            ok[m["ok"]] = good
         D = None
         if plan["shift"] is not None:
             D = H0[plan["shift"]["h0"]] - v[plan["shift"]["v"]]
@@ -1705,7 +1725,7 @@ class TensorProjector(_ColouredProjector):
         if any(self.params_by_name[n].device != d for n, d in self._devices.items()):
             names = self.laws.param_names
             self._dev = self.params_by_name[names[0]].device
-            self._h0_key, self._last, self._carry = None, None, None
+            self._h0_key, self._last, self._carry, self._prev_rounds = None, None, None, None
             self._build()
 
     def _make_stats(self, fams) -> _Stats:

@@ -505,6 +505,40 @@ def test_translation_elimination_counts_each_terms_own_width(xshape):
     assert rounds[0] == 1 and rounds[1] > 5
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matrix_families_take_two_newton_steps_on_their_grams_in_one_round(backend):
+    """Attention-style matrix laws alone (QK per head): the Grams move exactly with the action, so
+    a second Newton step needs no measurement; composed, one round lands a float32 model within
+    2·eps (one step per round leaves ~res² and takes a second round). After a call that needed
+    more rounds (couplings decide them) the next call takes one step per round again."""
+    from consopt.laws import Family, LawSet, Term
+
+    heads, r, d = 2, 4, 6
+    fams = [Family(f"qk{h}", "attention_qk", "matrix", 2,
+                   [Term("q", 0, torch.arange(h * r, (h + 1) * r).view(r, 1), 1),
+                    Term("k", 0, torch.arange(h * r, (h + 1) * r).view(r, 1), -1)]) for h in range(heads)]
+    laws = LawSet(fams, {"q": torch.Size((heads * r, d)), "k": torch.Size((heads * r, d))})
+    g = torch.Generator().manual_seed(3)
+    start = {n: torch.randn(heads * r, d, generator=g) for n in ("q", "k")}
+    h0 = laws.evaluate(start)
+    for newton, want in ((2, 1), (1, 2)):
+        ps = {n: v.clone() for n, v in start.items()}
+        proj = TensorProjector(laws, ps, backend=backend)
+        proj.matrix_newton = newton
+        for _ in range(3):  # drift of ~1e-3 per call, as a small SGD step leaves
+            for v in ps.values():
+                v.add_(1e-3 * torch.randn(v.shape, generator=g))
+            st = proj(h0)
+            assert st.converged and st.rounds == want
+            vals, sc = laws.evaluate(ps), laws.scale(ps)
+            assert max(float(((vals[k] - h0[k]).abs() / sc[k]).max()) for k in vals) <= 2.5 * torch.finfo(torch.float32).eps
+    proj._prev_rounds = 3  # a coupled call: one step per round in the next
+    proj.matrix_newton = 2
+    for v in ps.values():
+        v.add_(1e-3 * torch.randn(v.shape, generator=g))
+    assert proj(h0).rounds == 2 and proj._newton == 1
+
+
 def _chain_laws(params, spec):
     from consopt.laws import Family, LawSet, Term
 
