@@ -208,7 +208,8 @@ class LawSet:
             if params[name].shape != self.param_shapes[name]:
                 raise ValueError(
                     f"law parameter {name!r} has shape {tuple(params[name].shape)} in the {what}, "
-                    f"but the laws were found with shape {tuple(self.param_shapes[name])}"
+                    f"but the laws were found with shape {tuple(self.param_shapes[name])}: find the laws "
+                    "again for the changed model"
                 )
 
     def evaluate(self, model) -> dict:

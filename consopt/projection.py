@@ -160,6 +160,32 @@ def _rescale(p, c, h0):
 _LYAP_INEXACT = 1e-3  # relative Lyapunov residual accepted from a cached eigenbasis (inexact Newton)
 
 
+def _pcg(matvec, b: torch.Tensor, pre: torch.Tensor, done, max_iter: int) -> torch.Tensor:
+    """Conjugate gradients on A x = b (A symmetric PSD, applied by `matvec`), preconditioned by
+    the diagonal `pre` (x ← pre·x), from x = 0: until `done(r)` holds for the residual r = b − Ax,
+    a direction of non-positive curvature turns up, or after `max_iter` products."""
+    x = torch.zeros_like(b)
+    r = b.clone()
+    z = pre * r
+    q = z.clone()
+    rz = float(r @ z)
+    for _ in range(max_iter):
+        if done(r):
+            break
+        Aq = matvec(q)
+        qAq = float(q @ Aq)
+        if qAq <= 0:
+            break
+        alpha = rz / qAq
+        x = x + alpha * q
+        r = r - alpha * Aq
+        z = pre * r
+        rz_new = float(r @ z)
+        q = z + (rz_new / rz) * q
+        rz = rz_new
+    return x
+
+
 def _joint_rescale(p, c, h0, couplings, tol: float = 1e-14, newton: int = 30):
     """The rescale actions of coupled diagonal families at once: log-scales d (a = e^d per unit)
     with h(d) = h₀, by Newton's method (preconditioned conjugate gradients inside) on the unit scales.
@@ -246,26 +272,8 @@ def _joint_rescale(p, c, h0, couplings, tol: float = 1e-14, newton: int = 30):
         if res <= tol:
             break
         stop = max(tol / 10, 1e-3 * res)
-        pre = okf / diag.clamp_min(1e-300)
-        x = torch.zeros_like(d)
-        rr = r.clone()
-        z = pre * rr
-        q = z.clone()
-        rz = float((rr * z).sum())
-        for _ in range(200):  # conjugate gradients on J x = r
-            Jq = jv(q, ws, own) * okf
-            qJq = float((q * Jq).sum())
-            if qJq <= 0:
-                break
-            alpha = rz / qJq
-            x += alpha * q
-            rr = rr - alpha * Jq
-            if float((rr.abs() / scale).max()) <= stop:
-                break
-            z = pre * rr
-            rz_new = float((rr * z).sum())
-            q = z + (rz_new / rz) * q
-            rz = rz_new
+        x = _pcg(lambda q: jv(q, ws, own) * okf, r, okf / diag.clamp_min(1e-300),  # J x = r
+                 lambda rr: float((rr.abs() / scale).max()) <= stop, 200)
         big = float(x.abs().max()) if n else 0.0
         if big > 0.5:
             x = x * (0.5 / big)
@@ -586,27 +594,8 @@ def _euclidean(laws: LawSet, params: dict, h0: dict, scales: dict, tol: float, m
         diff = {n: theta_t[n] - theta[n] for n in names}
         rhs = target - hv - jv(diff)
         # preconditioned CG on J Jᵀ λ = rhs (PSD; consistent even where symmetric entries repeat)
-        lam = torch.zeros_like(rhs)
-        r = rhs.clone()
-        z = pre * r
-        pdir = z.clone()
-        rz = float(r @ z)
         stop = 1e-30 + 1e-20 * float(rhs @ rhs)  # ‖r‖ ≤ 1e-10 ‖rhs‖: Gauss–Newton re-linearises anyway
-        for _ in range(max(50, 4 * rhs.numel())):
-            if float(r @ r) <= stop:
-                break
-            (jt,) = vjp_fn(pdir)
-            ap = jv(jt)
-            pap = float(pdir @ ap)
-            if pap <= 0:
-                break
-            alpha = rz / pap
-            lam = lam + alpha * pdir
-            r = r - alpha * ap
-            z = pre * r
-            rz_new = float(r @ z)
-            pdir = z + (rz_new / rz) * pdir
-            rz = rz_new
+        lam = _pcg(lambda q: jv(vjp_fn(q)[0]), rhs, pre, lambda r: float(r @ r) <= stop, max(50, 4 * rhs.numel()))
         (jt,) = vjp_fn(lam)
         theta = {n: theta_t[n] + jt[n] for n in names}
     with torch.no_grad():
@@ -688,6 +677,15 @@ class _Stats:
         """Positions in values() of family f's `tag` half ("|+", "|-", or "" for order 1)."""
         o = self.off.get(f.name + tag)
         return np.full(size, self.zero, np.int64) if o is None else o + np.arange(size, dtype=np.int64)
+
+
+def _factor_cols(fac: dict, shape) -> list:
+    """A segment's two factor axes as the apply kernels read them: (o, s, post, dim) per axis, its
+    slots in F from `fac` {axis: offset}, (0, 0, 1, 1) for an axis without factors."""
+    cols = []
+    for axis in sorted(fac)[:2] + [None] * (2 - len(fac)):
+        cols += [0, 0, 1, 1] if axis is None else [fac[axis], 1, math.prod(shape[axis + 1:]), shape[axis]]
+    return cols
 
 
 def _offsets(shape, axis: int, index: np.ndarray) -> np.ndarray:
@@ -825,8 +823,8 @@ class _ColouredProjector:
 
     def _apply(self, plan: dict, F: torch.Tensor, G: dict, D) -> torch.Tensor | None:
         """Act with (F, G, D) on the parameters and momentum; return the statistics that come
-        next (`plan["next"]`: the next colour's, or the measurement after the last colour) when
-        the apply pass formed them itself, else None."""
+        next (the next colour's, or the measurement after the last colour) when the apply pass
+        formed them itself (a folded colour), else None."""
         raise NotImplementedError
 
     def _buffers(self) -> dict:
@@ -1053,6 +1051,23 @@ class _ColouredProjector:
         self._plan_apply(plan, fams, seg_fac, uo, nu, do)
         return plan
 
+    def _shift_terms(self, f: Family) -> list:
+        """Per term of translation family f: (key, axis, idx, sign, K, col, coef) — K entries per
+        slice (along the term's axis), col its first entry in f's values (vector form: the terms
+        one after the other, S·K each), coef the share of its function's shift an element takes
+        (vector form: sign / U over the U slices summed into an entry; diag form: sign / n over a
+        unit's n elements in all terms)."""
+        fp = self._fps[f.name]
+        widths = [math.prod(self._key_shape(key)) // self._key_shape(key)[axis] for key, axis, _, _ in fp]
+        n_el = sum(idx.shape[1] * w for (_, _, idx, _), w in zip(fp, widths))
+        out, col = [], 0
+        for (key, axis, idx, sign), K in zip(fp, widths):
+            U, S = idx.shape
+            out.append((key, axis, idx, sign, K, col, sign / U if f.form == "vector" else sign / n_el))
+            if f.form == "vector":
+                col += S * K
+        return out
+
     def _plan_elimination(self, colours) -> dict | None:
         """Tables that fold the translations of later colours into colour 0's diagonal closed form.
 
@@ -1079,12 +1094,9 @@ class _ColouredProjector:
                 if _kind(f) != "shift" or f.form != "vector" or f in self._fallback_fams:
                     continue
                 vpos = st.index(f, "", math.prod(self._shape[f.name]))
-                col = 0
-                for key, axis, idx, sign in self._fps[f.name]:
+                for key, axis, idx, sign, K, col, _ in self._shift_terms(f):
                     shape = self._key_shape(key)
-                    K = math.prod(shape) // shape[axis]  # entries per slice (the term's own axis)
                     U, S = idx.shape
-                    width = S * K
                     fac = plan["seg_fac"].get(key, {})
                     if axis == 0 and len(shape) >= 2 and set(fac) == {1}:
                         post = math.prod(shape[2:])
@@ -1099,7 +1111,6 @@ class _ColouredProjector:
                             unit.append(u % nu)
                             prod.append(u < nu)
                             rows.append(np.full(int(on.sum()), U, np.int64))
-                    col += width
         if not v_idx:
             return None
         T = self._T
@@ -1285,7 +1296,8 @@ class _ColouredProjector:
     def _actions(self, plan: dict, v: torch.Tensor, H0: torch.Tensor, ok: torch.Tensor, omega: float = 1.0):
         """(F, G, D) of one colour's families from statistics `v`: the diagonal factors
         F = ext[F_src] (ext = [1, a^ω, a^−ω]), the matrix actions G[r] = [A; A⁻ᵀ] per size r
-        (A = I + ωX), the translation shifts D = h₀ − h (None without translations)."""
+        (A = Π(I + ωX), the composed Newton steps), the translation shifts D = h₀ − h (None
+        without translations)."""
         dev = v.device
         one = torch.ones(1, dtype=torch.float64, device=dev)
         d = plan["diag"]
@@ -1362,9 +1374,9 @@ class FlatProjector(_ColouredProjector):
 
     The group actions are those of `project` (module docstring): for each diagonal family
     θ_prod ← a ⊙ θ_prod, θ_cons ← θ_cons ⊘ a with u = a² the positive root of
-    p u² − h₀ u − c = 0 (approximate scale laws: c = 0, u = h₀ / p); for each matrix family one
-    Newton step M_p ← (I + X) M_p, M_c ← (I + X)⁻ᵀ M_c with X S + S X = h₀ − (P − C), S = P + C,
-    solved in S's eigenbasis; for each translation family the exact shift
+    p u² − h₀ u − c = 0 (approximate scale laws: c = 0, u = h₀ / p); for each matrix family
+    Newton steps M_p ← (I + X) M_p, M_c ← (I + X)⁻ᵀ M_c with X S + S X = h₀ − (P − C), S = P + C,
+    solved in S's eigenbasis (up to `matrix_newton` of them composed per round); for each translation family the exact shift
     θ_t ← θ_t + s_t (h₀ − h) / n over the n slices that sum to each function.
 
     One round, for each colour k of a colouring of the families (two families conflict when
@@ -1502,13 +1514,11 @@ class FlatProjector(_ColouredProjector):
         for gi, g in enumerate(self.groups):
             for bi, b in enumerate(g.buffers):
                 fseg = np.zeros((max(len(b.segs), 1), 9), np.int64)
-                fseg[:, 2:4] = 1
-                fseg[:, 6:8] = 1
+                fseg[:, [2, 3, 6, 7]] = 1
                 big = False
                 for k, sg in enumerate(b.segs):
                     fac = plan["seg_fac"].get((gi, bi, k), {})
-                    for j, axis in enumerate(sorted(fac)[:2]):
-                        fseg[k, 4 * j:4 * j + 4] = [fac[axis], 1, math.prod(sg.shape[axis + 1:]), sg.shape[axis]]
+                    fseg[k, :8] = _factor_cols(fac, sg.shape)
                     fseg[k, 8] = int(bool(fac) and sg.numel > 0)
                     big |= bool(fac) and sg.numel >= 2 ** 31 - 2 ** 20
                 tables = []
@@ -1544,7 +1554,7 @@ class FlatProjector(_ColouredProjector):
         T = self._T
         shifts = [f for f in fams if _kind(f) == "shift"]
         mats = [f for f in fams if _kind(f) == "matrix"]
-        plan["apply"], plan["matmul"], plan["seg_fac"] = {}, [], seg_fac
+        plan["apply"], plan["matmul"] = {}, []
         seg_row, nr = {}, 1  # key -> row offset in CT / RT; row 0: c = 0
         for f in shifts:
             for key, *_ in self._fps[f.name]:
@@ -1552,21 +1562,15 @@ class FlatProjector(_ColouredProjector):
                     seg_row[key] = nr
                     nr += self._seg(key).shape[0]
         coef, rowt = np.zeros(nr), np.zeros((nr, 2), np.int64)
-        for f in shifts:
-            fp = self._fps[f.name]
-            widths = [self._seg(key).numel // self._seg(key).shape[0] for key, *_ in fp]  # row length K
-            n_el = sum(idx.shape[1] * w for (_, _, idx, _), w in zip(fp, widths))  # diag: elements per unit
-            col = 0
-            for (key, axis, idx, sign), K in zip(fp, widths):
+        for f in shifts:  # (axis 0 only: `_excluded`; K is a row's length)
+            for key, axis, idx, sign, K, col, c in self._shift_terms(f):
                 U, S = idx.shape
                 row = seg_row[key] + idx  # [U, S]
+                coef[row] = c
                 if f.form == "vector":  # function off + col + s·K + k takes row index[u, s]'s column k
-                    coef[row] = sign / U
                     rowt[row, 0] = do[f.name] + col + np.arange(S)[None, :] * K
                     rowt[row, 1] = 1
-                    col += S * K
-                else:  # unit u's function, spread evenly over its n_el elements
-                    coef[row] = sign / n_el
+                else:  # unit u's function, spread evenly over its elements
                     rowt[row, 0] = do[f.name] + np.arange(U)[:, None]
                     rowt[row, 1] = 0
         plan["coef"] = torch.as_tensor(coef, dtype=torch.float64, device=dev)
@@ -1582,12 +1586,7 @@ class FlatProjector(_ColouredProjector):
                     fac = seg_fac.get(key, {})
                     if (not fac and key not in seg_row) or sg.numel == 0:
                         continue
-                    cols = []
-                    for axis in sorted(fac)[:2] + [None] * (2 - len(fac)):
-                        if axis is None:
-                            cols += [0, 0, 1, 1]
-                        else:
-                            cols += [fac[axis], 1, math.prod(sg.shape[axis + 1:]), sg.shape[axis]]
+                    cols = _factor_cols(fac, sg.shape)
                     krow = max(sg.numel // sg.shape[0], 1)
                     if key in seg_row:
                         shift_here = True
@@ -1716,12 +1715,7 @@ class TensorProjector(_ColouredProjector):
     def _current(self):
         """A law parameter of another shape is an error (the laws no longer describe it); one moved
         to another device rebuilds the tables there."""
-        shapes = self.laws.param_shapes
-        for n in self.laws.param_names:
-            p = self.params_by_name[n]
-            if tuple(p.shape) != tuple(shapes[n]):
-                raise ValueError(f"law parameter {n!r} has shape {tuple(p.shape)}, but the laws were found for "
-                                 f"{tuple(shapes[n])}: find the laws again for the changed model")
+        self.laws.check_params(self.params_by_name, what="projector's parameters")
         if any(self.params_by_name[n].device != d for n, d in self._devices.items()):
             names = self.laws.param_names
             self._dev = self.params_by_name[names[0]].device
@@ -1764,19 +1758,12 @@ class TensorProjector(_ColouredProjector):
         # translation: each term's rows get coef · D[...] (as the Triton kernel's row tables)
         plan["shift_rows"] = []
         for f in [f for f in fams if _kind(f) == "shift"]:
-            fp = self._fps[f.name]
-            widths = [math.prod(self._key_shape(name)) // self._key_shape(name)[axis] for name, axis, _, _ in fp]
-            n_el = sum(idx.shape[1] * w for (_, _, idx, _), w in zip(fp, widths))
-            col = 0
-            for (name, axis, idx, sign), K in zip(fp, widths):
+            for name, axis, idx, sign, K, col, coef in self._shift_terms(f):
                 U, S = idx.shape
                 if f.form == "vector":  # row index[u, s] gets sign/U · D[off + col + s·K + k] at column k
                     d = T(do[f.name] + col + np.arange(S * K)).view(1, S, K)
-                    coef = sign / U
-                    col += S * K
-                else:  # unit u's function, spread evenly over its n_el elements
+                else:  # unit u's function, spread evenly over its elements
                     d = T(do[f.name] + np.arange(U)).view(U, 1, 1)
-                    coef = sign / n_el
                 flat = idx.reshape(-1)
                 run = int(flat[0]) if flat.size and np.array_equal(flat, flat[0] + np.arange(flat.size)) else None
                 plan["shift_rows"].append((name, axis, T(flat), run, (U, S, K), d, coef))
@@ -1797,7 +1784,7 @@ class TensorProjector(_ColouredProjector):
         given, self._given = self._given, None
         return self._measure.values(given) if given is not None else self._measure.values()
 
-    def _apply(self, plan: dict, F: torch.Tensor, G: dict, D) -> None:
+    def _apply(self, plan: dict, F: torch.Tensor, G: dict, D) -> None:  # (never folded: returns None)
         by_dtype, slow = {}, []
         for i, (name, slots) in enumerate(plan["scale"]):
             p, m = self.params_by_name[name].detach(), self._bufs.get(name)

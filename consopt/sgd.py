@@ -712,11 +712,8 @@ class SGD(torch.optim.SGD):
         return self._cpu_update(segments)
 
     def _check_law_grads(self) -> None:
-        shapes = self.laws.param_shapes
+        self.laws.check_params(dict(self._law_params), what="optimizer's parameters")  # (.data replaced)
         for name, p in self._law_params:
-            if tuple(p.shape) != tuple(shapes[name]):  # e.g. .data replaced: before anything changes
-                raise ValueError(f"law parameter {name!r} has shape {tuple(p.shape)}, but the laws were found for "
-                                 f"{tuple(shapes[name])}: find the laws again for the changed model")
             g = p.grad
             if g is not None and g.layout != torch.strided:
                 raise ValueError(f"law parameter {name!r} has a sparse gradient ({g.layout}); consopt "

@@ -182,13 +182,20 @@ CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
-@pytest.mark.parametrize("mode", ["row", "vec", "col"])
-def test_update_and_stats_match_torch(dtype, mode):
+def _mode_case(mode, dtype):
+    """The shapes and tile block of one tile mode; 16-bit rows run row Gram blocks too (their
+    operands re-read through 32-bit words)."""
     shapes = {"row": SHAPES_ROW, "vec": SHAPES_VEC, "col": SHAPES_COL}[mode]
     block = {"row": K.WIDE, "vec": K.VEC, "col": K.GRAM_COL}[mode]
     if mode == "row" and dtype in (torch.bfloat16, torch.float16):
-        block = K.GRAM  # exercise row Gram blocks too
+        block = K.GRAM
+    return shapes, block
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("mode", ["row", "vec", "col"])
+def test_update_and_stats_match_torch(dtype, mode):
+    shapes, block = _mode_case(mode, dtype)
     cfgs = CONFIGS if dtype in (torch.float32, torch.bfloat16) else CONFIGS[2:]
     for cfg in cfgs:
         alloc = _Alloc()
@@ -273,10 +280,7 @@ def test_scale_prologue_applies_factors_then_forms_statistics(dtype, mode):
     # the projection's diagonal action folded into a statistics pass: parameters and momentum
     # become x · f_A · f_B rounded once (bitwise, as triton_kernels.project), segments switched
     # off stay as they were, and the statistics are those of the values stored
-    shapes = {"row": SHAPES_ROW, "vec": SHAPES_VEC, "col": SHAPES_COL}[mode]
-    block = {"row": K.WIDE, "vec": K.VEC, "col": K.GRAM_COL}[mode]
-    if mode == "row" and dtype in (torch.bfloat16, torch.float16):
-        block = K.GRAM  # row Gram blocks from the rescaled values (re-read through 32-bit words)
+    shapes, block = _mode_case(mode, dtype)
     gen = torch.Generator().manual_seed(23)
     skip = (1,)
     for with_m in (True, False):
