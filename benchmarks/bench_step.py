@@ -14,6 +14,9 @@ For every model (parameter shapes written out here, no torchvision/transformers)
     consopt_fused+symmetry   the tracked fused step, then the symmetry projection on the flat
                              buffers (consopt.projection.FlatProjector) back onto {h = h(θ_0)};
                              GPU (and --smoke) only; reports the mean projection rounds per step
+    consopt_fused+symmetry-lazy  the same with the momentum transported lazily (the diagonal
+                             factors owed to the momentum and applied by the next step's kernel as
+                             it loads the buffer; consopt.SGD's momentum_transport="lazy")
 
 it reports the median time (CUDA events, L2 flushed between reps), the effective bandwidth at
 the nominal 20 B/element of fp32 momentum SGD (read p, g, m; write p, m), and that bandwidth as a
@@ -312,13 +315,18 @@ def bench_model(name, build, device, timer, lr=0.01, smoke=False, projection=Non
 
 
 def bench_projection(ls, shapes, device, timer, lr, row):
-    """consopt_fused+symmetry: tracked fused step + FlatProjector to h(θ_0), fp32 (tol 2·eps)."""
+    """consopt_fused+symmetry(-lazy): tracked fused step + FlatProjector to h(θ_0), fp32 (tol 2·eps)."""
+    for lazy in (False, True):
+        _bench_projection(ls, shapes, device, lr, row, lazy)
+
+
+def _bench_projection(ls, shapes, device, lr, row, lazy):
     from consopt.projection import FlatProjector
 
     ps = make_params(shapes, device)
     g = F.FlatGroup(list(ps.values()), names=list(ps))
     c = F.compile_laws(ls, ps, g)
-    proj = FlatProjector(ls, ps, g)
+    proj = FlatProjector(ls, ps, g, lazy_momentum=lazy)
     with torch.no_grad():
         h0 = F.law_values_only(c)
     rounds = []
@@ -336,8 +344,9 @@ def bench_projection(ls, shapes, device, timer, lr, row):
         # fewer reps than the other rows: each step here runs C statistics passes per projection round
         short = Timer(device, reps=10 if device.type == "cuda" else 1, warmup=2 if device.type == "cuda" else 0)
         ms = short(fn)
-    row("consopt_fused+symmetry", ms, launches=None, rounds=sum(rounds) / max(len(rounds), 1),
-        colours=len(proj.colours), fallback=len(proj.fallback))
+    row("consopt_fused+symmetry" + ("-lazy" if lazy else ""), ms, launches=None,
+        rounds=sum(rounds) / max(len(rounds), 1), colours=len(proj.colours), fallback=len(proj.fallback),
+        lazy=proj.lazy)
     del g, c, ps, proj
 
 
@@ -428,9 +437,12 @@ def main(argv=None):
         rr = {r["method"]: r for r in all_rows if r["model"] == name}
         if "consopt_fused+symmetry" in rr and "consopt_fused+laws" in rr:
             pr = rr["consopt_fused+symmetry"]
+            lz = rr.get("consopt_fused+symmetry-lazy")
+            lazy = (f", {lz['ms'] / rr['consopt_fused+laws']['ms']:.2f}x with lazy momentum transport"
+                    + ("" if lz["lazy"] else " (fell back to eager)")) if lz else ""
             print(f"{name}: symmetry projection {pr['rounds']:.1f} rounds/step, {pr['colours']} colours, "
                   f"{pr['fallback']} fallback families; step + projection {pr['ms'] / rr['consopt_fused+laws']['ms']:.2f}x "
-                  f"the tracked step")
+                  f"the tracked step{lazy}")
         if "consopt_fused+laws" in rr and "torch_foreach+evaluate" in rr:
             base = min(rr[k]["ms"] for k in ("torch_foreach+evaluate", "torch_foreach+evaluator") if k in rr)
             print(f"{name}: tracked fused step {base / rr['consopt_fused+laws']['ms']:.2f}x faster than "

@@ -119,6 +119,7 @@ def drive(level: str) -> None:
                                grad_scale=torch.tensor(2.0), found_inf=torch.tensor(0.0))
             fused_sgd_step(group, 0.01, momentum=0.9)  # no laws: plain tables
             _drive_folded(group, compiled)
+            _drive_owed(group, compiled)
         model.float()
     _drive_projection(dtypes)
 
@@ -136,6 +137,22 @@ def _drive_folded(group, compiled) -> None:
             K.launch_sgd_stats(b.param, None, b.mom, table, None, None, compiled.scratch, block=(bx, by), vec=vec,
                                gram_r=gr, gram_c=gc, colacc=ca, aligned=al, stats=True, update=False,
                                scale=(F, fseg))
+
+
+def _drive_owed(group, compiled) -> None:
+    """Update launches that apply a lazy projection's owed momentum transport as they load the
+    buffer (MSCALE, `consopt.fused.MomentumTransport`), on every tile variant of the step tables."""
+    from consopt.fused import MomentumTransport, fused_sgd_step
+
+    for b in group.buffers:
+        fseg = torch.zeros((max(len(b.segs), 1), 9), dtype=torch.int64)
+        fseg[:, [2, 3, 6, 7, 8]] = 1
+        b.transport = MomentumTransport(torch.ones(1, dtype=torch.float64), fseg, torch.zeros((0, 16), dtype=torch.int64),
+                                        [(0, 1)] * len(b.segs), False)  # (every segment owed)
+        b.transport.dirty = True
+    fused_sgd_step(group, 0.01, momentum=0.9, compiled_laws=compiled)
+    for b in group.buffers:
+        b.transport = None
 
 
 def _drive_projection(dtypes) -> None:

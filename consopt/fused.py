@@ -287,6 +287,60 @@ def _tables(rows_by_variant: dict, device) -> list:
 # FlatGroup
 # ---------------------------------------------------------------------------------------
 
+class MomentumTransport:
+    """A diagonal action owed to a flat momentum buffer (lazy momentum transport, see
+    `consopt.projection.FlatProjector`): the buffer's true value is
+
+        m[e] · F[oA + sA·iA(e)] · F[oB + sB·iB(e)]
+
+    per element e of each segment (`fseg` rows (oA, sA, postA, dimA, oB, sB, postB, dimB, on) as
+    `triton_kernels.sgd_stats.launch_sgd_stats` reads them; F float64 with F[0] = 1, all ones
+    when nothing is owed). The projector multiplies its factors into F; the next fused step
+    applies F as it loads the buffer (`scale()`, then `clear()`), `flush` applies it in a
+    pass of its own (for readers of the buffer: state_dict, a rebuild)."""
+
+    def __init__(self, F: torch.Tensor, fseg: torch.Tensor, flush_table: torch.Tensor, seg_slots: list,
+                 idx64: bool):
+        self.F, self.fseg, self.table, self.seg_slots, self.idx64 = F, fseg, flush_table, seg_slots, idx64
+        self.on = np.array([b > a for a, b in seg_slots] or [False])  # segments with factor slots
+        self.dirty = False  # (host flag: some factor was multiplied in since the last application)
+        self._needs = {}  # id(tile table) -> (the table, kept so the id stays its own; any tile with slots?)
+
+    def scale(self, table: torch.Tensor | None = None):
+        """(F, fseg) for the step kernel while something is owed (and, given a tile table, some
+        tile of it has owed slots: the other tile variants launch without the factor loads), else
+        None."""
+        if not self.dirty:
+            return None
+        if table is not None:
+            hit = self._needs.get(id(table))
+            if hit is None:  # (once per table: its segment column on the host)
+                hit = self._needs[id(table)] = (table, bool(self.on[table[:, 0].cpu().numpy()].any()))
+            if not hit[1]:
+                return None
+        return self.F, self.fseg
+
+    def clear(self) -> None:
+        """The buffer now holds its true value: nothing is owed."""
+        if self.dirty:
+            self.F.fill_(1.0)
+            self.dirty = False
+
+    def flush(self, mom: torch.Tensor | None) -> None:
+        """Apply what is owed to `mom` now (one `triton_kernels.project` launch)."""
+        if self.dirty and mom is not None:
+            from triton_kernels.project import launch_symmetry_apply
+
+            launch_symmetry_apply(mom, None, self.F, self.table, idx64=self.idx64)
+        self.clear()
+
+    def reset_segment(self, k: int) -> None:
+        """Segment k's buffer was replaced by a true value (load_state_dict, the user)."""
+        a, b = self.seg_slots[k]
+        if self.dirty and b > a:
+            self.F[a:b].fill_(1.0)
+
+
 class FlatBuffer:
     """One dtype's flat storage inside a FlatGroup: `param`, `grad`, `mom` (lazy) flat tensors,
     `segs` (host geometry; segment starts aligned to ALIGN elements), `seg_table` (device int64
@@ -322,6 +376,7 @@ class FlatBuffer:
                      (g.K // g.shape[1] if len(g.shape) > 1 and g.shape[1] else 1)] for g in self.segs]
         self.seg_table = torch.tensor(seg_rows, dtype=torch.int64).reshape(-1, 5).to(device)
         self.hb_all = n == 0
+        self.transport: MomentumTransport | None = None  # owed to `mom` (a lazy projection's)
         self._plain = None
         self._const = {}
 
@@ -444,6 +499,8 @@ class FlatGroup:
     def _carry(self):
         out = {}
         for b in self.buffers:
+            if b.transport is not None:
+                b.transport.flush(b.mom)  # the new buffers start with nothing owed
             hb = b.hasbuf.cpu().numpy() if b.mom is not None else np.zeros(len(b.index), dtype=np.int32)
             for k, i in enumerate(b.index):
                 m = b.view(b.mom, k).detach().clone() if b.mom is not None else None
@@ -561,6 +618,8 @@ class FlatGroup:
         """Load torch's state['momentum_buffer'] for params[i] (None: the next step is its first)."""
         self.check_params()
         b, k = self._locate(i)
+        if b.transport is not None:
+            b.transport.reset_segment(k)
         if value is None:
             b.hasbuf[k] = 0
             b.hb_sure[k] = False
@@ -1212,12 +1271,17 @@ def fused_sgd_step(group: FlatGroup, lr, momentum: float = 0.0, dampening: float
         else:
             tables = b.plain_tables(group.target)
             scratch = b.const_flags(0)  # never written: stats are off
+        tr = b.transport if (momentum != 0 and b.transport is not None and b.transport.dirty) else None
         for (bx, by, vec, gr, gc, ca, al), table in tables:
+            owed = tr.scale(table) if tr is not None else None  # a lazy projection's momentum transport
             K_.launch_sgd_stats(b.param, b.grad, b.mom, table, b.active, hb, scratch, block=(bx, by), vec=vec,
                                 gram_r=gr, gram_c=gc, colacc=ca, aligned=al, galigned=b.goff_aligned,
                                 stats=compiled_laws is not None, update=True, goff=b.goff, lr=lr_a,
                                 momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                                nesterov=nesterov, maximize=maximize, grad_scale=gs, found_inf=fi)
+                                nesterov=nesterov, maximize=maximize, grad_scale=gs, found_inf=fi,
+                                mscale=owed, idx64=owed is not None and tr.idx64)
+        if tr is not None:
+            tr.clear()
         if compiled_laws is not None:
             gt = compiled_laws.gram_table(gi, bi)
             if gt is not None:

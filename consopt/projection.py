@@ -1439,14 +1439,17 @@ class FlatProjector(_ColouredProjector):
 
     fold = True  # colours of diagonal families only: apply inside the next statistics pass
     measure_in_step = True  # consopt.SGD's fused step forms the first measurement (`step_laws`)
+    remeasure = True  # a last colour of translations: re-measure only the segments it shifts
 
-    def __init__(self, laws: LawSet, params_by_name, groups, *, tile: int | None = None):
+    def __init__(self, laws: LawSet, params_by_name, groups, *, tile: int | None = None,
+                 lazy_momentum: bool = False):
         from .fused import FlatGroup
 
         if isinstance(groups, FlatGroup):
             groups = [groups]
         self.groups = list(groups)
         self.tile = tile
+        self.lazy_momentum = bool(lazy_momentum)
         super().__init__(laws, params_by_name)
 
     def _key(self, name):
@@ -1479,6 +1482,7 @@ class FlatProjector(_ColouredProjector):
 
     def _build(self):
         super()._build()
+        self._plan_remeasure()
         for ci, plan in enumerate(self._plans):
             last = ci + 1 == len(self._plans)
             nxt = self._measure if last else self._plans[ci + 1]["stats"]
@@ -1486,6 +1490,154 @@ class FlatProjector(_ColouredProjector):
             if self.fold and not plan["mat"] and plan["shift"] is None and not (last and self._fallback_fams):
                 plan["fold"] = self._plan_fold(plan, nxt)
         self._versions = [g.version for g in self.groups]
+        self._install_transport()
+
+    # -- lazy momentum transport --------------------------------------------------------------
+    @property
+    def lazy(self) -> bool:
+        """Is the momentum transported lazily now (`lazy_momentum` asked for and possible)?"""
+        return self._pf is not None
+
+    def set_lazy(self, flag: bool) -> None:
+        """Switch lazy momentum transport on or off (what is owed is applied first)."""
+        self._uninstall_transport()
+        self.lazy_momentum = bool(flag)
+        self._install_transport()
+
+    def _uninstall_transport(self) -> None:
+        for g in self.groups:
+            for b in g.buffers:
+                if b.transport is not None:
+                    b.transport.flush(b.mom)
+                    b.transport = None
+        self._pf = None
+
+    def _transport_axes(self) -> dict | None:
+        """{segment key: axes its diagonal factors use in any colour}, or None where the momentum
+        must be transported eagerly: families acted on by `project`'s own code, a segment scaled
+        along more than two axes, or a matrix action along an axis that owed factors scale
+        (actions along other axes commute with them: A(m ⊙ f) = (A m) ⊙ f when f is constant
+        along the axis A mixes, so matrix actions keep transporting the stored buffer)."""
+        if not self.lazy_momentum or self._fallback_fams:
+            return None
+        axes = {}
+        for plan in self._plans:
+            for key, fac in plan["seg_fac"].items():
+                axes.setdefault(key, set()).update(fac)
+        if not axes or any(len(a) > 2 for a in axes.values()):
+            return None
+        for plan in self._plans:
+            for m in plan["mat"].values():
+                for name in m["pos"]:
+                    if any(axis in axes.get(key, ()) for key, axis, _, _ in self._fps[name]):
+                        return None
+        return axes
+
+    def _install_transport(self) -> None:
+        """With `lazy_momentum`: a `MomentumTransport` per flat buffer (one float64 factor slot
+        per (segment, axis, index) that any colour scales, all views of one buffer `_pf`) and per
+        colour the index pairs that multiply its factors F into them (`_owe`)."""
+        from triton_kernels.project import plan_tiles, APPLY_TILE
+
+        from .fused import MomentumTransport
+
+        self._pf = None
+        axes = self._transport_axes()
+        if axes is None:
+            return
+        glob, made, pos = {}, [], 0
+        for gi, g in enumerate(self.groups):
+            for bi, b in enumerate(g.buffers):
+                start = pos
+                pos += 1  # F[0] = 1: the slot of axes without factors
+                fseg = np.zeros((max(len(b.segs), 1), 9), np.int64)
+                fseg[:, [2, 3, 6, 7]] = 1
+                rows, slots, big = [], [], False
+                for k, sg in enumerate(b.segs):
+                    a0, fac = pos - start, {}
+                    for axis in sorted(axes.get((gi, bi, k), ())):
+                        fac[axis] = pos - start
+                        glob[((gi, bi, k), axis)] = pos
+                        pos += sg.shape[axis]
+                    slots.append((a0, pos - start))
+                    if fac and sg.numel > 0:
+                        fseg[k, :8] = _factor_cols(fac, sg.shape)
+                        fseg[k, 8] = 1
+                        rows.append([sg.base, sg.numel] + fseg[k, :8].tolist() + [0, 0, max(sg.numel // sg.shape[0], 1), 1])
+                        big |= sg.numel >= 2 ** 31 - 2 ** 20
+                if rows:
+                    made.append((b, start, pos, fseg, plan_tiles(rows, self.tile or APPLY_TILE), slots, big))
+        self._pf = torch.ones(pos, dtype=torch.float64, device=self._dev)
+        for b, a, z, fseg, tab, slots, big in made:
+            b.transport = MomentumTransport(self._pf[a:z], self._T(fseg), self._T(tab), slots, big)
+        for plan in self._plans:
+            dst, src, bufs = [], [], set()
+            for key, fac in plan["seg_fac"].items():
+                for axis, off in fac.items():
+                    n = self._key_shape(key)[axis]
+                    dst.append(glob[(key, axis)] + np.arange(n))
+                    src.append(off + np.arange(n))
+                    bufs.add(key[:2])
+            plan["owe"] = (self._T(np.concatenate(dst)), self._T(np.concatenate(src)), sorted(bufs)) if dst else None
+
+    def _owe(self, plan: dict, F: torch.Tensor) -> None:
+        """A colour's diagonal factors, applied to the parameters only, owed to the momentum."""
+        ow = plan.get("owe")
+        if self._pf is None or ow is None:
+            return
+        dst, src, bufs = ow
+        self._pf[dst] = self._pf[dst] * F[src]
+        for gi, bi in bufs:
+            self.groups[gi].buffers[bi].transport.dirty = True
+
+    def _plan_remeasure(self) -> None:
+        """Two colours, diagonal families then translations only (a CNN or MLP with the
+        cross-entropy translation): the first colour is folded into the *whole* measurement (every
+        family's statistics after its factors), the translations take their values from it, and
+        after their shift only the statistics tiles of the segments they shift (the classifier's
+        weight and bias) are formed again, into the same scratch slots: the next measurement then
+        costs a read of those segments instead of a pass over every law parameter. The second
+        colour is planned in the measurement's layout for that (`plan["remeasure"]`: per buffer
+        the measurement's statistics tiles of the shifted segments)."""
+        if not (self.remeasure and self.fold and len(self._plans) == 2 and not self._fallback_fams):
+            return
+        p0, p1 = self._plans
+        if p0["diag"] is None or p0["mat"] or p0["shift"] is not None or p1["diag"] is not None or p1["mat"] \
+                or p1["shift"] is None:
+            return
+        from triton_kernels import sgd_stats as K
+
+        by_name = {f.name: f for f in self.laws.families}
+        fams = [by_name[n] for n in self.colours[1]]
+        cl = self._measure.compiled
+        touched = {key for f in fams for key, *_ in self._fps[f.name]}
+        bufs = sorted({key[:2] for key in touched})
+        if any(cl.gram_table(gi, bi) is not None for gi, bi in bufs):
+            return  # (Gram blocks too large for one tile would all be formed again)
+        tables = {}
+        for gi, bi in bufs:
+            segs = [k for g_, b_, k in touched if (g_, b_) == (gi, bi)]
+            tables[(gi, bi)] = []
+            for variant, tab in cl.stats_tables(gi, bi):
+                t = tab.cpu().numpy()
+                keep = np.isin(t[:, K.T_SEG], segs)
+                if keep.any():
+                    tables[(gi, bi)].append((variant, self._T(t[keep])))
+        plan = self._plan(fams, self._measure)
+        plan["remeasure"] = tables
+        self._plans[1] = plan
+
+    def _remeasure(self, tables: dict) -> torch.Tensor:
+        """The measurement after a colour that moved only the segments of `tables` (`_plan_remeasure`)."""
+        from triton_kernels import sgd_stats as K
+
+        cl = self._measure.compiled
+        for (gi, bi), tabs in tables.items():
+            b = self.groups[gi].buffers[bi]
+            for (bx, by, vec, gr, gc, ca, al), table in tabs:
+                K.launch_sgd_stats(b.param, None, None, table, None, None, cl.scratch, block=(bx, by), vec=vec,
+                                   gram_r=gr, gram_c=gc, colacc=ca, aligned=al, stats=True, update=False)
+        return self._measure.values(vals=cl.finish())
 
     def step_laws(self):
         """The compiled laws of the first measurement (every family split into producer and
@@ -1625,12 +1777,15 @@ class FlatProjector(_ColouredProjector):
         from triton_kernels.project import launch_symmetry_apply
 
         if plan.get("fold") is not None:
-            return self._apply_folded(plan["fold"], F)
+            nxt = self._apply_folded(plan["fold"], F)
+            self._owe(plan, F)
+            return nxt
 
         for (gi, bi), (tab, shift_here, big) in plan["apply"].items():
             b = self.groups[gi].buffers[bi]
-            launch_symmetry_apply(b.param, b.mom, F, tab, coef=plan["coef"], rowtab=plan["rowt"],
-                                  shift=D if shift_here else None, idx64=big)
+            launch_symmetry_apply(b.param, None if self.lazy else b.mom, F, tab, coef=plan["coef"],
+                                  rowtab=plan["rowt"], shift=D if shift_here else None, idx64=big)
+        self._owe(plan, F)
         for mm in plan["matmul"]:
             b = self.groups[mm["gi"]].buffers[mm["bi"]]
             g = G[mm["r"]][mm["sel"]]
@@ -1648,6 +1803,8 @@ class FlatProjector(_ColouredProjector):
                     continue
                 x = buf[idx].view(g.shape[0], mm["r"], -1).to(torch.float64)
                 buf.index_put_((idx,), (g @ x).reshape(-1).to(buf.dtype))
+        if plan.get("remeasure") is not None:  # (a colour of translations only: no matrix actions)
+            return self._remeasure(plan["remeasure"])
         return None
 
     def _apply_folded(self, fold: dict, F: torch.Tensor) -> torch.Tensor:
@@ -1661,7 +1818,8 @@ class FlatProjector(_ColouredProjector):
         for (gi, bi), fb in fold["buffers"].items():
             b = self.groups[gi].buffers[bi]
             for (bx, by, vec, gr, gc, ca, al), table in fb["tables"]:
-                K.launch_sgd_stats(b.param, None, b.mom, table, None, None, cl.scratch, block=(bx, by), vec=vec,
+                K.launch_sgd_stats(b.param, None, None if self.lazy else b.mom, table, None, None, cl.scratch,
+                                   block=(bx, by), vec=vec,
                                    gram_r=gr, gram_c=gc, colacc=ca, aligned=al, stats=True, update=False,
                                    scale=(F, fb["fseg"]), idx64=fb["idx64"])
             if fb["gram"] is not None:  # Gram blocks too large for one tile: from the stored values

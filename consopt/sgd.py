@@ -236,6 +236,7 @@ class SGD(torch.optim.SGD):
         self._native_checked = False
         self._step_stats = None  # the native step's statistics of the current parameters
         self._step_measured = None  # the fused step's measurement for the flat projector (`step_laws`)
+        self._momentum_transport = "eager"  # (see momentum_transport)
         if laws is not None:
             self._tracker = _LawTracker(laws, self._bind(laws))
             from .native import available as native_available
@@ -280,8 +281,10 @@ class SGD(torch.optim.SGD):
         return tensors
 
     def __getstate__(self):
+        self.sync_momentum()
         state = super().__getstate__()
-        for k in ("laws", "projection", "on_nonfinite", "_law_names", "_law_params", "_tracker", "projection_stats"):
+        for k in ("laws", "projection", "on_nonfinite", "_law_names", "_law_params", "_tracker", "projection_stats",
+                  "_momentum_transport"):
             state[k] = getattr(self, k, None)
         state["_use_fused"] = None  # flat storage is rebuilt on the next step
         return state
@@ -296,6 +299,7 @@ class SGD(torch.optim.SGD):
         d.setdefault("_law_params", [])
         d.setdefault("_tracker", None)
         d.setdefault("projection_stats", None)
+        d["_momentum_transport"] = d.get("_momentum_transport") or "eager"
         d["_use_fused"], d["_flat"], d["_compiled"], d["_published"] = None, None, None, {}
         d["_published_versions"] = {}
         d["_fused_ok"] = False
@@ -406,13 +410,16 @@ class SGD(torch.optim.SGD):
         snapshot = None
         try:
             if first:
-                self._projector = FlatProjector(self.laws, self._tracker.evaluator.tensors, self._flat)
+                self._projector = FlatProjector(self.laws, self._tracker.evaluator.tensors, self._flat,
+                                                lazy_momentum=self._momentum_transport == "lazy")
                 snapshot = self._snapshot_flat(grads=False)  # first use: kernels compile now
             measured, self._step_measured = self._step_measured, None
             self.projection_stats = self._projector(self._tracker.h0, values=values, measured=measured)
         except Exception as e:  # noqa: BLE001 - only on the first projected step, see above
             if not first:
                 raise
+            for b in (b for f in self._flat for b in f.buffers):
+                b.transport = None  # (the snapshot holds the momentum as it was: nothing is owed)
             self._first_use_failed(snapshot, e, "the flat symmetry projection", "consopt.projection.project")
             self._projector = False
             return _FALLBACK
@@ -816,6 +823,44 @@ class SGD(torch.optim.SGD):
             return {}
         return self._tracker.stats()
 
+    @property
+    def momentum_transport(self) -> str:
+        """How `projection="symmetry"` transports the momentum buffers on the fused path.
+
+        "eager" (default): the projection's passes rewrite the momentum with the parameters
+        (m ← g·m, a velocity), so `self.state[p]["momentum_buffer"]` always holds the transported
+        buffer. "lazy": the diagonal actions (rescale, gate and stream factors; the bulk of the
+        passes' traffic) are applied to the parameters only and owed to the momentum as per-slot
+        factors, which the next step's kernel multiplies in as it loads the buffer anyway: the
+        projection's passes then read and write the parameters alone (8 instead of 16 bytes per
+        float32 element). The result is the same: bitwise where each buffer slot is scaled once
+        between two steps, else to the rounding of the composed factors. Between steps
+        `self.state[...]["momentum_buffer"]` then holds the untransported buffer: `state_dict()`,
+        pickling and `sync_momentum()` apply what is owed first, and so does the flat storage when
+        it is rebuilt; a buffer the user or `load_state_dict` puts into `self.state` replaces its
+        owed factors. Falls back to eager transport (`opt._projector.lazy` is False) where matrix
+        actions mix the rows that owed factors scale, or for families acted on by
+        `consopt.projection.project`'s per-family code. No effect off the fused path.
+        """
+        return self._momentum_transport
+
+    @momentum_transport.setter
+    def momentum_transport(self, value: str) -> None:
+        if not (isinstance(value, str) and value in ("eager", "lazy")):
+            raise ValueError(f"momentum_transport must be 'eager' or 'lazy', got {value!r}")
+        self._momentum_transport = value
+        if self._projector:
+            self._projector.set_lazy(value == "lazy")
+
+    def sync_momentum(self) -> None:
+        """Apply what a lazy projection owes the momentum buffers (see `momentum_transport`), so
+        that `self.state[p]["momentum_buffer"]` holds the transported buffers. Cheap when nothing
+        is owed."""
+        for f in self._flat or ():
+            for b in f.buffers:
+                if b.transport is not None:
+                    b.transport.flush(b.mom)
+
     # -- checkpointing ---------------------------------------------------------------------
     def state_dict(self) -> dict:
         """torch.optim.SGD's state dict, plus tracking state under the extra key "consopt".
@@ -824,6 +869,7 @@ class SGD(torch.optim.SGD):
         "scale0"} (float64 tensors per family); loadable with ``torch.load(weights_only=True)``.
         torch.optim.SGD ignores the extra key.
         """
+        self.sync_momentum()
         sd = super().state_dict()
         if self._tracker is not None:
             sd[_STATE_KEY] = self._tracker.state_dict()

@@ -307,6 +307,52 @@ def test_scale_prologue_applies_factors_then_forms_statistics(dtype, mode):
         _check_stats(scr, meta, shapes, P, block)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("mode", ["row", "vec", "col"])
+def test_update_applies_the_owed_momentum_transport(dtype, mode):
+    # lazy momentum transport: an update launch with `mscale` first turns every buffer into
+    # m · f_A · f_B rounded once (what the projection's own pass would have stored), then steps
+    # as torch does from that buffer; segments switched off keep m, segments without a buffer
+    # start one from the grad, and buffers the step leaves alone (inactive segment, skipped
+    # GradScaler step) are stored transported
+    shapes, block = _mode_case(mode, dtype)
+    gen = torch.Generator().manual_seed(29)
+    skip, inactive, fresh = (1,), 2, len(shapes) - 1
+    for found_inf in (None, torch.ones(1, device=DEV)):
+        alloc = _Alloc()
+        tiles, meta, n = _build(shapes, mode, alloc, block)
+        scale, views = _scale_tables(shapes, gen, skip)
+        scr = torch.full((alloc.n,), float("nan"), dtype=torch.float64, device=DEV)
+        p = torch.randn(n, generator=gen).to(DEV).to(dtype)
+        g = torch.randn(n, generator=gen).to(DEV).to(dtype)
+        m = torch.randn(n, generator=gen).to(DEV).to(dtype)
+        P, G, M = p.clone(), g.clone(), m.clone()
+        act = torch.tensor([int(si != inactive) for si in range(len(shapes))], dtype=torch.int32, device=DEV)
+        hb = torch.tensor([int(si != fresh) for si in range(len(shapes))], dtype=torch.int32, device=DEV)
+        hyper = dict(lr=0.05, momentum=0.9, dampening=0.1, nesterov=False, maximize=False)
+        K.launch_sgd_stats(P, G, M, tiles, act, hb, scr, block=block, vec=mode == "vec",
+                           gram_r=mode == "row" and block == K.GRAM, gram_c=mode == "col", stats=True,
+                           update=True, weight_decay=1e-2, found_inf=found_inf, mscale=scale, **hyper)
+        off = 0
+        for si, (shp, fs) in enumerate(zip(shapes, views)):
+            sl = slice(off, off + math.prod(shp))
+            off = sl.stop
+            owed = m[sl] if si in skip else _scaled(m[sl], shp, fs, dtype)
+            if si != fresh and si not in skip:
+                assert not torch.equal(owed, m[sl])
+            if found_inf is not None or si == inactive:
+                assert torch.equal(P[sl], p[sl]), f"{dtype} {mode} segment {si}: params of a skipped step"
+                assert torch.equal(M[sl], m[sl] if si == fresh else owed), f"{dtype} {mode} segment {si}: momentum"
+                continue
+            tp, tm = _torch_sgd([p[sl].view(shp)], [g[sl].view(shp)], [None if si == fresh else owed.view(shp)],
+                                wd=1e-2, **hyper)
+            sc = p[sl].double().abs() + g[sl].double().abs() + owed.double().abs()
+            _close(P[sl], tp[0].reshape(-1), TOL_VS_TORCH[dtype], f"{dtype} {mode} segment {si}: params", sc)
+            _close(M[sl], tm[0].reshape(-1), TOL_VS_TORCH[dtype], f"{dtype} {mode} segment {si}: momentum", sc)
+        if found_inf is None:
+            _check_stats(scr, meta, shapes, P, block)
+
+
 def test_scale_prologue_is_for_statistics_passes_only():
     tiles, _, n = _build([(3, 4)], "row", _Alloc(), K.WIDE)
     p = torch.randn(n, device=DEV)

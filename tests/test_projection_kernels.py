@@ -553,6 +553,61 @@ def test_folded_apply_equals_apply_then_measure(name, dtype, monkeypatch):
     assert rel_dev(laws, dict(m.named_parameters()), h0) <= (DEV_TOL if dtype == torch.float64 else 1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("eliminate", [True, False])
+def test_remeasure_after_the_translation_colour_equals_a_full_measurement(dtype, eliminate, monkeypatch):
+    # diagonal families, then the cross-entropy translation: the first colour is folded into the
+    # whole measurement, and after the shift only the shifted segments' statistics tiles are formed
+    # again: bitwise the parameters, momentum, rounds and values of a full measurement pass, which
+    # is never run (without the elimination the two colours take several rounds: every round)
+    import consopt.fused as cf
+    import triton_kernels.sgd_stats as ks
+
+    m, x, y, loss_fn, laws = setup("cnn-bn")
+    m = m.to(dtype)
+    x = x.to(dtype)
+    laws = LawSet(laws.families, laws.param_shapes, params=dict(m.named_parameters()))
+    h0 = laws.evaluate(m)
+    opt = fused_sgd(m, laws, lr=0.05, momentum=0.9)
+    sgd_steps(m, opt, x, y, loss_fn, 2)
+    bufs = [b for g in opt._flat for b in g.buffers]
+    state0 = [(b.param.clone(), b.mom.clone()) for b in bufs]
+    read = []  # per plain statistics launch (no SCALE prologue): the segments it reads
+    full = []  # full measurement passes
+    real, real_measure = ks.launch_sgd_stats, cf.law_values_only
+    monkeypatch.setattr(ks, "launch_sgd_stats", lambda p, g, mm, tiles, *a, **k: (
+        read.append({int(s_) for s_ in tiles[:, ks.T_SEG]}) if k.get("scale") is None and not k.get("update") else None,
+        real(p, g, mm, tiles, *a, **k))[1])
+    monkeypatch.setattr(cf, "law_values_only", lambda c: (full.append(1), real_measure(c))[1])
+    results = []
+    for rem in (True, False):
+        for b, (p0, m0) in zip(bufs, state0):
+            b.param.copy_(p0)
+            b.mom.copy_(m0)
+        proj = FlatProjector(laws, opt._tracker.evaluator.tensors, opt._flat)
+        proj.remeasure, proj.eliminate = rem, eliminate
+        proj._build()
+        first = proj._first_measurement()  # (as the fused step hands it over)
+        read.clear()
+        full.clear()
+        stats = proj(h0, measured=first)
+        assert stats.converged and (stats.rounds == 1) == eliminate
+        results.append((stats, proj.values, [(b.param.clone(), b.mom.clone()) for b in bufs]))
+        if rem:
+            assert proj._plans[1].get("remeasure") is not None
+            shifted = {k for f in laws.families if f.name in proj.colours[1] for (_, _, k), *_ in proj._fps[f.name]}
+            assert len(full) == 0 and len(read) >= stats.rounds and all(r <= shifted for r in read)
+            assert shifted == {k for k, p in enumerate(opt._flat[0].params) if p is m.fc.weight or p is m.fc.bias}
+        else:
+            assert len(full) == stats.rounds
+    (s1, v1, b1), (s2, v2, b2) = results
+    assert (s1.rounds, s1.max_residual, s1.skipped) == (s2.rounds, s2.max_residual, s2.skipped)
+    for (p1, m1), (p2, m2) in zip(b1, b2):
+        assert torch.equal(p1, p2) and torch.equal(m1, m2)
+    assert all(torch.equal(v1[k], v2[k]) for k in v1)
+    assert rel_dev(laws, dict(m.named_parameters()), h0) <= (DEV_TOL if dtype == torch.float64 else 1e-6)
+
+
 @pytest.mark.parametrize("name", ["mlp", "attention"])
 def test_fused_step_forms_the_first_measurement(name, monkeypatch):
     # consopt.SGD(projection="symmetry") on the fused path steps over the projector's own split
@@ -760,3 +815,158 @@ def test_a_step_already_on_the_level_set_skips_the_projection():
     assert opt.projection_stats.rounds >= 1
     assert not all(torch.equal(p.detach(), before[n]) for n, p in m.named_parameters())
     assert rel_dev(laws, dict(m.named_parameters()), h0) <= DEV_TOL
+
+
+# -- lazy momentum transport (consopt.SGD.momentum_transport = "lazy") ------------------------
+
+def _twins(name, dtype=torch.float64, lr=0.02):
+    """The same model and data under eager and lazy momentum transport (fused path, symmetry)."""
+    m, x, y, loss_fn, laws = setup(name)
+    m = m.to(dtype)
+    x = x.to(dtype) if x.is_floating_point() else x
+    models, opts = [m, copy.deepcopy(m)], []
+    for model, transport in zip(models, ("eager", "lazy")):
+        lw = LawSet(laws.families, laws.param_shapes, params=dict(model.named_parameters()))
+        o = fused_sgd(model, lw, lr=lr, momentum=0.9, projection="symmetry")
+        o.momentum_transport = transport
+        opts.append(o)
+    return models, opts, x, y, loss_fn, laws
+
+
+def _step(model, o, x, y, loss_fn):
+    o.zero_grad()
+    loss_fn(model(x), y).backward()
+    o.step()
+
+
+def _bits(t):
+    return t.detach().reshape(-1).view(torch.uint8)
+
+
+@pytest.mark.parametrize("name,dtype", [("mlp", torch.float64), ("cnn-bn", torch.float64), ("mlp", torch.float32),
+                                        ("cnn-bn", torch.float32)])
+def test_lazy_momentum_transport_is_bitwise_the_eager_one(name, dtype, monkeypatch):
+    # one round per step (each buffer slot scaled once between two steps): the lazy transport,
+    # applied by the next step's kernel as it loads the buffer, gives bitwise the parameters,
+    # deviations and (once synced) momentum of the eager one, while no projection pass touches
+    # the momentum; between steps opt.state holds the untransported buffer
+    import triton_kernels.project as kp
+    import triton_kernels.sgd_stats as ks
+
+    (me, ml), (oe, ol), x, y, loss_fn, laws = _twins(name, dtype)
+    mom_args = []
+    real_apply, real_stats = kp.launch_symmetry_apply, ks.launch_sgd_stats
+    monkeypatch.setattr(kp, "launch_symmetry_apply", lambda p, mm, *a, **k: (mom_args.append(mm), real_apply(p, mm, *a, **k))[1])
+    monkeypatch.setattr(ks, "launch_sgd_stats", lambda p, g, mm, *a, **k: (
+        mom_args.append(mm) if not k.get("update") else None, real_stats(p, g, mm, *a, **k))[1])
+    owed = 0
+    for step in range(4):
+        for model, o in zip((me, ml), (oe, ol)):
+            mom_args.clear()
+            _step(model, o, x, y, loss_fn)
+            assert o.projection_stats.rounds == 1
+            if o is ol and step > 0:
+                assert ol._projector.lazy and mom_args and all(a is None for a in mom_args)
+            if o is oe and step > 0:
+                assert any(a is not None for a in mom_args)  # (the eager passes do write it)
+        for p, q in zip(me.parameters(), ml.parameters()):
+            assert torch.equal(_bits(p), _bits(q))
+        de, dl = oe.deviation(), ol.deviation()
+        assert all(torch.equal(de[k], dl[k]) for k in de)
+        owed += sum(not torch.equal(oe.state[p]["momentum_buffer"], ol.state[q]["momentum_buffer"])
+                    for p, q in zip(me.parameters(), ml.parameters()))
+    assert owed > 0  # the buffers between steps really were untransported
+    se, sl = oe.state_dict(), ol.state_dict()  # state_dict applies what is owed first
+    for k in se["state"]:
+        assert torch.equal(_bits(se["state"][k]["momentum_buffer"]), _bits(sl["state"][k]["momentum_buffer"]))
+    assert not any(b.transport.dirty for g in ol._flat for b in g.buffers if b.transport is not None)
+    assert rel_dev(laws, dict(ml.named_parameters()), laws.evaluate(copy.deepcopy(me))) == 0.0
+
+
+@pytest.mark.parametrize("name", ["attention", "llama"])
+def test_lazy_transport_next_to_matrix_actions_matches_eager_to_rounding(name):
+    # the attention heads' matrix actions mix rows of in_proj / out_proj that the owed diagonal
+    # factors (LayerNorm gains and their consumers' columns) do not scale along: they commute, and
+    # the lazy run follows the eager one to the rounding of composed factors (several rounds)
+    (me, ml), (oe, ol), x, y, loss_fn, laws = _twins(name)
+    h0 = laws.evaluate(me)
+    for _ in range(3):
+        for model, o in zip((me, ml), (oe, ol)):
+            _step(model, o, x, y, loss_fn)
+    assert ol._projector.lazy and ol._projector._plans and any(p["mat"] for p in ol._projector._plans)
+    assert ol.projection_stats.rounds > 1 and ol.projection_stats.converged
+    ol.sync_momentum()
+    for (n, p), q in zip(me.named_parameters(), ml.parameters()):
+        for a, b in ((p, q), (oe.state[p]["momentum_buffer"], ol.state[q]["momentum_buffer"])):
+            torch.testing.assert_close(b.detach(), a.detach(), rtol=1e-12, atol=1e-12 * float(a.detach().abs().max()), msg=n)
+    assert rel_dev(laws, dict(ml.named_parameters()), h0) <= DEV_TOL
+
+
+def test_lazy_transport_falls_back_to_eager_for_per_family_code():
+    # families acted on by project()'s own code transport the momentum through opt.state's views:
+    # no lazy transport then, and the run is the eager one bit for bit
+    (me, ml), (oe, ol), x, y, loss_fn, laws = _twins("grouped-conv")
+    for _ in range(2):
+        for model, o in zip((me, ml), (oe, ol)):
+            _step(model, o, x, y, loss_fn)
+    assert ol._projector.fallback and not ol._projector.lazy
+    assert all(b.transport is None for g in ol._flat for b in g.buffers)
+    for p, q in zip(me.parameters(), ml.parameters()):
+        assert torch.equal(p, q) and torch.equal(oe.state[p]["momentum_buffer"], ol.state[q]["momentum_buffer"])
+
+
+def test_lazy_transport_survives_checkpoints_rebuilds_and_switching():
+    # what is owed is applied before anything reads the buffers (state_dict, a rebuild of the
+    # flat storage, switching to eager) and dropped where a true buffer replaces it
+    # (load_state_dict, the user): every run continues bit for bit like the eager one
+    (me, ml), (oe, ol), x, y, loss_fn, laws = _twins("cnn-bn")
+    both = lambda: [_step(model, o, x, y, loss_fn) for model, o in zip((me, ml), (oe, ol))]  # noqa: E731
+
+    def same():
+        for p, q in zip(me.parameters(), ml.parameters()):
+            assert torch.equal(p, q)
+        se, sl = oe.state_dict(), ol.state_dict()
+        for k in se["state"]:
+            assert torch.equal(se["state"][k]["momentum_buffer"], sl["state"][k]["momentum_buffer"])
+
+    both()
+    both()
+    # a checkpoint taken while factors are owed, loaded into a new lazy optimizer
+    sd = copy.deepcopy(ol.state_dict())
+    m2 = copy.deepcopy(ml)
+    lw = LawSet(laws.families, laws.param_shapes, params=dict(m2.named_parameters()))
+    o2 = fused_sgd(m2, lw, lr=0.02, momentum=0.9, projection="symmetry")
+    o2.momentum_transport = "lazy"
+    o2.load_state_dict(sd)
+    both()
+    _step(m2, o2, x, y, loss_fn)
+    for p, q in zip(me.parameters(), m2.parameters()):
+        assert torch.equal(p, q)
+    # the eager twin's true buffers loaded over owed factors: the factors are dropped
+    ol.load_state_dict(copy.deepcopy(oe.state_dict()))
+    both()
+    same()
+    # a true buffer the user puts into opt.state for one parameter while the others' are owed
+    both()
+    assert any(b.transport.dirty for g in ol._flat for b in g.buffers if b.transport is not None)
+    ol.state[ml.fc.weight]["momentum_buffer"] = oe.state[me.fc.weight]["momentum_buffer"].clone()
+    both()
+    same()
+    # a rebuild of the flat storage while factors are owed
+    both()
+    assert any(b.transport.dirty for g in ol._flat for b in g.buffers if b.transport is not None)
+    with torch.no_grad():
+        for model in (me, ml):
+            model.fc.weight.data = model.fc.weight.detach().clone()
+    both()
+    same()
+    # switching to eager applies what is owed; switching back installs the transport again
+    ol.momentum_transport = "eager"
+    assert not ol._projector.lazy and all(b.transport is None for g in ol._flat for b in g.buffers)
+    both()
+    ol.momentum_transport = "lazy"
+    both()
+    assert ol._projector.lazy
+    same()
+    with pytest.raises(ValueError, match="momentum_transport"):
+        ol.momentum_transport = "later"

@@ -27,7 +27,9 @@ Triton interpreter can run them):
     Statistics-only launches may first apply the projection's diagonal action (``SCALE``:
     x ← x · F[oA + sA·iA(e)] · F[oB + sB·iB(e)] per element, parameters and momentum, rounded
     once as ``triton_kernels.project`` does) and form the statistics of the values stored: a
-    projection colour and the next measurement in one pass.
+    projection colour and the next measurement in one pass. Update launches may likewise apply
+    the transport a lazy projection owes the momentum (``MSCALE``: the same per-element factors,
+    on the momentum as it is loaded), so that transport costs no pass of its own.
 
 ``gram_kernel``
     Gram blocks that do not fit one tile (units > 64, strided/grouped units, axis >= 2),
@@ -154,7 +156,7 @@ def sgd_stats_kernel(
     UPDATE: tl.constexpr, USE_MOM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
     HAS_WD: tl.constexpr, LR_FROM_PTR: tl.constexpr, HAS_GS: tl.constexpr, HAS_INF: tl.constexpr,
     BF16: tl.constexpr, F64: tl.constexpr, HAS_GOFF: tl.constexpr, HALF: tl.constexpr, ALIGNED: tl.constexpr,
-    GALIGNED: tl.constexpr, SCALE: tl.constexpr, SCALE_M: tl.constexpr, IDX64: tl.constexpr,
+    GALIGNED: tl.constexpr, SCALE: tl.constexpr, SCALE_M: tl.constexpr, MSCALE: tl.constexpr, IDX64: tl.constexpr,
 ):
     pid = tl.program_id(0)
     tp = TILES + pid * NC
@@ -192,7 +194,7 @@ def sgd_stats_kernel(
             ny = tl.multiple_of(ny, 4)
             cend = tl.multiple_of(cend, 4)
 
-    if SCALE:  # this segment's two factor axes (FSEG row: oA, sA, postA, dimA, oB, sB, postB, dimB, on)
+    if SCALE or MSCALE:  # this segment's two factor axes (FSEG row: oA, sA, postA, dimA, oB, sB, postB, dimB, on)
         fp = FSEG + seg * 9
         f_oa = tl.load(fp + 0)
         f_sa = tl.load(fp + 1)
@@ -299,7 +301,23 @@ def sgd_stats_kernel(
                 if HAS_WD:
                     g = tl.fma(p, wd, g)
                 if USE_MOM:
-                    mbuf = _load_vals(M + off, _band(um, hb), BF16, F64)
+                    if MSCALE:
+                        # the transport the projection left owed to this buffer (lazy momentum):
+                        # m · fA · fB in float64, rounded once as triton_kernels.project rounds it, on
+                        # every element with a buffer, whether or not this step updates it
+                        hm = _band(mask, hb)
+                        mbuf = _load_vals(M + off, hm, BF16, F64)
+                        e = off - base
+                        if not IDX64:
+                            e = e.to(tl.int32)
+                        fa = tl.load(FAC + f_oa + f_sa * ((e // f_pa) % f_da), mask=hm, other=1.0)
+                        fb = tl.load(FAC + f_ob + f_sb * ((e // f_pb) % f_db), mask=hm, other=1.0)
+                        zst, zv = _round_store(_ct(mbuf.to(tl.float64) * fa * fb, F64), M, BF16, F64)
+                        mbuf = tl.where(f_on, zv, mbuf)
+                        # elements this step leaves alone (no grad, a skipped GradScaler step) keep it
+                        tl.store(M + off, zst, mask=_band(_band(hm, f_on), act.to(tl.int32) == 0))
+                    else:
+                        mbuf = _load_vals(M + off, _band(um, hb), BF16, F64)
                     buf = tl.where(hb, tl.fma(g, dmp, mbuf * mom), g)
                     bst, _b_stored = _round_store(buf, M, BF16, F64)
                     tl.store(M + off, bst, mask=um)
@@ -439,7 +457,8 @@ def split_scalar(x: float):
 
 def launch_sgd_stats(p_flat, g_flat, m_flat, tiles, active, hasbuf, scratch, *, block, vec, gram_r, gram_c,
                      stats, update, colacc=False, aligned=False, galigned=False, goff=None, lr=0.0, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
-                     maximize=False, grad_scale=None, found_inf=None, scale=None, idx64=False, num_warps=None):
+                     maximize=False, grad_scale=None, found_inf=None, scale=None, mscale=None, idx64=False,
+                     num_warps=None):
     """One launch over the rows of `tiles` (int64 [n, NCOL]) of one flat buffer.
 
     `scale` (statistics-only launches): (factors, seg_table) — the projection's diagonal action
@@ -447,6 +466,11 @@ def launch_sgd_stats(p_flat, g_flat, m_flat, tiles, active, hasbuf, scratch, *, 
     `m_flat` is given) the momentum: x ← x · F[oA + sA·iA(e)] · F[oB + sB·iB(e)] with F a float64
     factor buffer and seg_table int64 [n_segments, 9] rows (oA, sA, postA, dimA, oB, sB, postB,
     dimB, on) as in `triton_kernels.project` (segments with on = 0 are read, not written).
+    `mscale` (update launches with momentum): (factors, seg_table) in the same layout — the
+    transport a lazy projection owes the momentum buffer (`consopt.fused.MomentumTransport`),
+    applied to every element with a buffer as it is loaded (m ← m · fA · fB, rounded once, bitwise
+    what applying it in a pass of its own and then stepping gives), and stored for elements this
+    step does not update.
     `idx64`: segment-local indices need int64 (a segment of ≥ 2³¹ elements).
 
     `goff` (int64 [n_segments], optional): element offset of each segment's grad relative to
@@ -477,7 +501,8 @@ def launch_sgd_stats(p_flat, g_flat, m_flat, tiles, active, hasbuf, scratch, *, 
     G = _bits(g_flat) if update else P
     scale_m = scale is not None and m_flat is not None
     Mb = _bits(m_flat) if (use_mom or scale_m) else P
-    fac, fseg = scale if scale is not None else (scratch, tiles)
+    mscale_on = use_mom and mscale is not None
+    fac, fseg = scale if scale is not None else (mscale if mscale_on else (scratch, tiles))
     kw = {"num_warps": num_warps if num_warps is not None else WARPS.get((bx, by), 4 if bx * by <= 1024 else 8)}
     sgd_stats_kernel[(n,)](
         P, G, Mb, tiles, active if update else tiles, hasbuf if use_mom else tiles,
@@ -491,7 +516,7 @@ def launch_sgd_stats(p_flat, g_flat, m_flat, tiles, active, hasbuf, scratch, *, 
         HAS_GS=bool(update and grad_scale is not None), HAS_INF=bool(update and found_inf is not None),
         BF16=bf16, F64=f64, HAS_GOFF=bool(update and goff is not None), HALF=p_flat.element_size() == 2,
         ALIGNED=bool(aligned), GALIGNED=bool(aligned and galigned and update and goff is not None),
-        SCALE=scale is not None, SCALE_M=scale_m, IDX64=bool(idx64), **kw,
+        SCALE=scale is not None, SCALE_M=scale_m, MSCALE=mscale_on, IDX64=bool(idx64), **kw,
     )
 
 
