@@ -439,7 +439,7 @@ def main(argv=None):
             pr = rr["consopt_fused+symmetry"]
             lz = rr.get("consopt_fused+symmetry-lazy")
             lazy = (f", {lz['ms'] / rr['consopt_fused+laws']['ms']:.2f}x with lazy momentum transport"
-                    + ("" if lz["lazy"] else " (fell back to eager)")) if lz else ""
+                    + ("" if lz["lazy"] else " (the transport stays eager here)")) if lz else ""
             print(f"{name}: symmetry projection {pr['rounds']:.1f} rounds/step, {pr['colours']} colours, "
                   f"{pr['fallback']} fallback families; step + projection {pr['ms'] / rr['consopt_fused+laws']['ms']:.2f}x "
                   f"the tracked step{lazy}")

@@ -1272,6 +1272,9 @@ def fused_sgd_step(group: FlatGroup, lr, momentum: float = 0.0, dampening: float
             tables = b.plain_tables(group.target)
             scratch = b.const_flags(0)  # never written: stats are off
         tr = b.transport if (momentum != 0 and b.transport is not None and b.transport.dirty) else None
+        if tr is not None and first_step:  # (buffers restart here; those of untouched segments stay)
+            tr.flush(b.mom)
+            tr = None
         for (bx, by, vec, gr, gc, ca, al), table in tables:
             owed = tr.scale(table) if tr is not None else None  # a lazy projection's momentum transport
             K_.launch_sgd_stats(b.param, b.grad, b.mom, table, b.active, hb, scratch, block=(bx, by), vec=vec,

@@ -694,16 +694,26 @@ def _offsets(shape, axis: int, index: np.ndarray) -> np.ndarray:
     return np.moveaxis(ar, axis, 0)[index].reshape(index.shape[0], -1)
 
 
-def _as_strided(q: np.ndarray, bases: list):
-    """(size, stride, offset) of one strided view [L, n, r, S] covering every slice of a
-    matrix-action group, when the slice pattern q[i, j] (offsets of unit i, entry j) is affine and
-    the sorted slice bases are b0 + l·sL + k·sb (k < n heads in order within each of L equally
-    spaced layers); else None (an index gather then)."""
+def _affine(q: np.ndarray):
+    """(si, sj) > 0 when the slice pattern q[i, j] (offsets of unit i, entry j) is i·si + j·sj."""
     r, S = q.shape
     si = int(q[1, 0]) if r > 1 else 1
     sj = int(q[0, 1]) if S > 1 else 1
     if not np.array_equal(q, np.arange(r)[:, None] * si + np.arange(S)[None, :] * sj) or si <= 0 or sj <= 0:
         return None
+    return si, sj
+
+
+def _as_strided(q: np.ndarray, bases: list):
+    """(size, stride, offset) of one strided view [L, n, r, S] covering every slice of a
+    matrix-action group, when the slice pattern q[i, j] (offsets of unit i, entry j) is affine and
+    the sorted slice bases are b0 + l·sL + k·sb (k < n heads in order within each of L equally
+    spaced layers); else None (an index gather then)."""
+    aff = _affine(q)
+    if aff is None:
+        return None
+    r, S = q.shape
+    si, sj = aff
     b = np.asarray(bases, dtype=np.int64)
     d = np.diff(b)
     n = int(np.argmax(d != d[0])) + 1 if len(d) and (d != d[0]).any() else len(b)  # first run of equal steps
@@ -900,11 +910,15 @@ class _ColouredProjector:
         self._measure = self._make_stats(fams)
         self._plans = []
         for ci, c in enumerate(colours):
-            st = self._measure if ci == 0 else self._make_stats(c)
-            self._plans.append(self._plan(c, st))
+            self._plans.append(self._plan(c, self._colour_stats(ci, colours)))
         if self._plans:
             self._plans[0]["elim"] = self._plan_elimination(colours) if self.eliminate else None
         self._build_measurement(fams)
+
+    def _colour_stats(self, ci: int, colours: list) -> _Stats:
+        """Where colour ci's actions read their statistics: the measurement for colour 0 (it
+        measures every family), its own statistics pass for the others."""
+        return self._measure if ci == 0 else self._make_stats(colours[ci])
 
     def _colour(self, fams) -> list:
         """Greedy colouring of the conflict graph (shared elements) in the families' order."""
@@ -1390,8 +1404,11 @@ class FlatProjector(_ColouredProjector):
       2. the actions of all of colour k's families at once, on tiny tensors: the closed form
          for every diagonal unit, one batched `eigh` / `inv` per matrix size r, the shifts;
       3. one `triton_kernels.project` launch per flat buffer applies every diagonal factor and
-         every shift (parameters and momentum in the same program) and one batched matmul per
-         slice pattern applies the matrix actions (gather, float64 bmm, round, scatter).
+         every shift (parameters and momentum in the same program) and one
+         `triton_kernels.project.matrix_apply_kernel` launch per buffer and matrix size applies
+         the matrix actions (x ← A x per slice, a float64 tl.dot, rounded once; parameters and
+         momentum read and written once; slices that are not i·si + j·sj, or r > 64, take a
+         batched torch matmul: gather, float64 bmm, round, scatter).
     Two passes are saved where they can be (ResNet-style models then cost one pass per round):
       * a colour of diagonal families only (no shift, no matrix action) is applied by the
         statistics kernel of the *next* measurement itself (``fold``; its SCALE prologue scales
@@ -1440,6 +1457,7 @@ class FlatProjector(_ColouredProjector):
     fold = True  # colours of diagonal families only: apply inside the next statistics pass
     measure_in_step = True  # consopt.SGD's fused step forms the first measurement (`step_laws`)
     remeasure = True  # a last colour of translations: re-measure only the segments it shifts
+    matrix_kernel = True  # matrix actions (r <= 64, affine slices) by triton_kernels.project's kernel
 
     def __init__(self, laws: LawSet, params_by_name, groups, *, tile: int | None = None,
                  lazy_momentum: bool = False):
@@ -1495,11 +1513,14 @@ class FlatProjector(_ColouredProjector):
     # -- lazy momentum transport --------------------------------------------------------------
     @property
     def lazy(self) -> bool:
-        """Is the momentum transported lazily now (`lazy_momentum` asked for and possible)?"""
-        return self._pf is not None
+        """Is the momentum transported lazily now (`lazy_momentum` asked for and possible, and
+        the transports installed are still this projector's: another projector installing its own
+        on the same buffers applies what was owed, and this one then transports eagerly)?"""
+        return self._pf is not None and all(b.transport is t for b, t in self._transports)
 
     def set_lazy(self, flag: bool) -> None:
         """Switch lazy momentum transport on or off (what is owed is applied first)."""
+        self._current()
         self._uninstall_transport()
         self.lazy_momentum = bool(flag)
         self._install_transport()
@@ -1511,6 +1532,7 @@ class FlatProjector(_ColouredProjector):
                     b.transport.flush(b.mom)
                     b.transport = None
         self._pf = None
+        self._transports = []
 
     def _transport_axes(self) -> dict | None:
         """{segment key: axes its diagonal factors use in any colour}, or None where the momentum
@@ -1541,7 +1563,7 @@ class FlatProjector(_ColouredProjector):
 
         from .fused import MomentumTransport
 
-        self._pf = None
+        self._uninstall_transport()  # (what an earlier plan owes is applied first)
         axes = self._transport_axes()
         if axes is None:
             return
@@ -1568,42 +1590,54 @@ class FlatProjector(_ColouredProjector):
                 if rows:
                     made.append((b, start, pos, fseg, plan_tiles(rows, self.tile or APPLY_TILE), slots, big))
         self._pf = torch.ones(pos, dtype=torch.float64, device=self._dev)
+        mine = {}
         for b, a, z, fseg, tab, slots, big in made:
             b.transport = MomentumTransport(self._pf[a:z], self._T(fseg), self._T(tab), slots, big)
+            mine[id(b)] = b.transport
+        self._transports = [(b, b.transport) for b, *_ in made]
         for plan in self._plans:
-            dst, src, bufs = [], [], set()
+            dst, src, owed = [], [], {}
             for key, fac in plan["seg_fac"].items():
                 for axis, off in fac.items():
                     n = self._key_shape(key)[axis]
                     dst.append(glob[(key, axis)] + np.arange(n))
                     src.append(off + np.arange(n))
-                    bufs.add(key[:2])
-            plan["owe"] = (self._T(np.concatenate(dst)), self._T(np.concatenate(src)), sorted(bufs)) if dst else None
+                b = self.groups[key[0]].buffers[key[1]]
+                if id(b) in mine:  # (a buffer whose factored segments are all empty has none)
+                    owed[id(b)] = mine[id(b)]
+            plan["owe"] = (self._T(np.concatenate(dst)), self._T(np.concatenate(src)), list(owed.values())) \
+                if dst else None
 
     def _owe(self, plan: dict, F: torch.Tensor) -> None:
         """A colour's diagonal factors, applied to the parameters only, owed to the momentum."""
         ow = plan.get("owe")
-        if self._pf is None or ow is None:
+        if ow is None or not self.lazy:
             return
-        dst, src, bufs = ow
+        dst, src, transports = ow
         self._pf[dst] = self._pf[dst] * F[src]
-        for gi, bi in bufs:
-            self.groups[gi].buffers[bi].transport.dirty = True
+        for t in transports:
+            t.dirty = True
 
-    def _plan_remeasure(self) -> None:
+    def _remeasured(self, colours: list) -> bool:
         """Two colours, diagonal families then translations only (a CNN or MLP with the
         cross-entropy translation): the first colour is folded into the *whole* measurement (every
-        family's statistics after its factors), the translations take their values from it, and
-        after their shift only the statistics tiles of the segments they shift (the classifier's
-        weight and bias) are formed again, into the same scratch slots: the next measurement then
-        costs a read of those segments instead of a pass over every law parameter. The second
-        colour is planned in the measurement's layout for that (`plan["remeasure"]`: per buffer
-        the measurement's statistics tiles of the shifted segments)."""
-        if not (self.remeasure and self.fold and len(self._plans) == 2 and not self._fallback_fams):
-            return
-        p0, p1 = self._plans
-        if p0["diag"] is None or p0["mat"] or p0["shift"] is not None or p1["diag"] is not None or p1["mat"] \
-                or p1["shift"] is None:
+        family's statistics after its factors), the translations take their values from it (the
+        second colour is planned in the measurement's layout), and after their shift only the
+        statistics tiles of the segments they shift (the classifier's weight and bias) are formed
+        again, into the same scratch slots (`_plan_remeasure`): the next measurement then costs a
+        read of those segments instead of a pass over every law parameter."""
+        return (self.remeasure and self.fold and len(colours) == 2 and not self._fallback_fams
+                and all(_kind(f) == "diag" for f in colours[0]) and all(_kind(f) == "shift" for f in colours[1]))
+
+    def _colour_stats(self, ci: int, colours: list) -> _Stats:
+        if ci == 1 and self._remeasured(colours):
+            return self._measure
+        return super()._colour_stats(ci, colours)
+
+    def _plan_remeasure(self) -> None:
+        """`plan["remeasure"]` of the second colour where `_remeasured`: per buffer the
+        measurement's statistics tiles of the segments it shifts."""
+        if len(self._plans) != 2 or self._plans[1]["stats"] is not self._measure:
             return
         from triton_kernels import sgd_stats as K
 
@@ -1623,9 +1657,7 @@ class FlatProjector(_ColouredProjector):
                 keep = np.isin(t[:, K.T_SEG], segs)
                 if keep.any():
                     tables[(gi, bi)].append((variant, self._T(t[keep])))
-        plan = self._plan(fams, self._measure)
-        plan["remeasure"] = tables
-        self._plans[1] = plan
+        self._plans[1]["remeasure"] = tables
 
     def _remeasure(self, tables: dict) -> torch.Tensor:
         """The measurement after a colour that moved only the segments of `tables` (`_plan_remeasure`)."""
@@ -1706,7 +1738,7 @@ class FlatProjector(_ColouredProjector):
         T = self._T
         shifts = [f for f in fams if _kind(f) == "shift"]
         mats = [f for f in fams if _kind(f) == "matrix"]
-        plan["apply"], plan["matmul"] = {}, []
+        plan["apply"], plan["matmul"], plan["matkern"] = {}, [], []
         seg_row, nr = {}, 1  # key -> row offset in CT / RT; row 0: c = 0
         for f in shifts:
             for key, *_ in self._fps[f.name]:
@@ -1764,17 +1796,26 @@ class FlatProjector(_ColouredProjector):
                 e = groups.setdefault(gk, dict(q=q, bases=[], sel=[], r=r))
                 e["bases"].append(sg.base + int(off[0, 0]))
                 e["sel"].append(fi if sign > 0 else nfr + fi)
+        from triton_kernels.project import MATRIX_MAX_R, matrix_rows
+
+        kern = {}  # (gi, bi, r) -> rows of the matrix kernel
         for (gi, bi, r, _, _), e in groups.items():
             order = np.argsort(e["bases"], kind="stable")  # heads in memory order: often one strided view
             bases, sel = [e["bases"][i] for i in order], [e["sel"][i] for i in order]
+            aff = _affine(e["q"]) if self.matrix_kernel and r <= MATRIX_MAX_R else None
+            if aff is not None:  # one read and write per element (`triton_kernels.project.matrix_apply_kernel`)
+                kern.setdefault((gi, bi, r), []).extend(matrix_rows(bases, sel, r, *aff, e["q"].shape[1]))
+                continue
             plan["matmul"].append(dict(gi=gi, bi=bi, r=r, q=T(e["q"])[None], bases=T(bases)[:, None, None],
                                        sel=T(sel), strided=_as_strided(e["q"], bases)))
+        plan["matkern"] = [(gi, bi, r, T(rows)) for (gi, bi, r), rows in kern.items()]
 
     def _apply(self, plan: dict, F: torch.Tensor, G: dict, D) -> torch.Tensor | None:
         """One `triton_kernels.project` launch per flat buffer (diagonal factors and shifts, on
-        parameters and momentum), one batched matmul per matrix slice pattern; a colour of
+        parameters and momentum), one matrix-kernel launch per buffer and matrix size (or a
+        batched matmul per slice pattern the kernel does not take); a colour of
         diagonal families only is instead folded into the next statistics pass (`_apply_folded`)."""
-        from triton_kernels.project import launch_symmetry_apply
+        from triton_kernels.project import launch_matrix_apply, launch_symmetry_apply
 
         if plan.get("fold") is not None:
             nxt = self._apply_folded(plan["fold"], F)
@@ -1786,6 +1827,9 @@ class FlatProjector(_ColouredProjector):
             launch_symmetry_apply(b.param, None if self.lazy else b.mom, F, tab, coef=plan["coef"],
                                   rowtab=plan["rowt"], shift=D if shift_here else None, idx64=big)
         self._owe(plan, F)
+        for gi, bi, r, table in plan["matkern"]:  # (the momentum too: matrix actions are never owed)
+            b = self.groups[gi].buffers[bi]
+            launch_matrix_apply(b.param, b.mom, G[r], table, r)
         for mm in plan["matmul"]:
             b = self.groups[mm["gi"]].buffers[mm["bi"]]
             g = G[mm["r"]][mm["sel"]]

@@ -833,8 +833,9 @@ class SGD(torch.optim.SGD):
         passes' traffic) are applied to the parameters only and owed to the momentum as per-slot
         factors, which the next step's kernel multiplies in as it loads the buffer anyway: the
         projection's passes then read and write the parameters alone (8 instead of 16 bytes per
-        float32 element). The result is the same: bitwise where each buffer slot is scaled once
-        between two steps, else to the rounding of the composed factors. Between steps
+        float32 element). The result is the same: bitwise where each momentum entry is scaled once
+        between two steps and no matrix action moves it (eager rounds after each action, lazy
+        once), else to the rounding of the composed factors. Between steps
         `self.state[...]["momentum_buffer"]` then holds the untransported buffer: `state_dict()`,
         pickling and `sync_momentum()` apply what is owed first, and so does the flat storage when
         it is rebuilt; a buffer the user or `load_state_dict` puts into `self.state` replaces its

@@ -156,6 +156,46 @@ def test_apply_kernel_without_shift_leaves_other_elements_and_momentum_alone():
 # the flat projector on float64 models
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_matrix_kernel_matches_the_torch_matmul(dtype):
+    # x ← A x per slice x[i, j] = buf[base + i·si + j·sj], on the parameters and the momentum:
+    # rows of a weight (heads along axis 0), columns (axis 1), a bias (S = 1), r = 1, prime and
+    # 16+ sizes, slices longer than one program; against (A @ x.double()).to(dtype) per slice, to
+    # the rounding of the float64 sums' order (≤ 1 ulp of the element type); elements outside
+    # every slice untouched
+    from triton_kernels.project import launch_matrix_apply, matrix_rows
+
+    gen = torch.Generator().manual_seed(41)
+    n = 4000
+    p = (torch.randn(n, generator=gen) * 3).to(dtype).to(DEV)
+    mom = torch.randn(n, generator=gen).to(dtype).to(DEV)
+    eps = torch.finfo(dtype).eps
+    for r, si, sj, S, bases in ((3, 7, 1, 7, [0, 21]), (5, 1, 13, 11, [60, 65]), (1, 1, 1, 1, [300]),
+                                (17, 2, 40, 3, [400, 401]), (4, 600, 1, 600, [1000])):
+        mats = (torch.eye(r, dtype=torch.float64) + 0.3 * torch.randn(3, r, r, generator=gen, dtype=torch.float64))
+        sels = [2, 0][:len(bases)]
+        P, Mo = p.clone(), mom.clone()
+        table = torch.tensor(matrix_rows(bases, sels, r, si, sj, S, tile=256), dtype=torch.int64).to(DEV)
+        launch_matrix_apply(P, Mo, mats.to(DEV), table, r)
+        touched = torch.zeros(n, dtype=torch.bool)
+        for b0, sel in zip(bases, sels):
+            idx = (b0 + torch.arange(r)[:, None] * si + torch.arange(S)[None, :] * sj).to(DEV)
+            touched[idx.reshape(-1).cpu()] = True
+            A = mats[sel].to(DEV)
+            for new, old in ((P, p), (Mo, mom)):
+                x = old[idx].double()
+                ref = (A @ x).to(dtype) if dtype == torch.float64 else (A @ x).float().to(dtype)
+                bound = eps * (A.abs() @ x.abs()) + 1e-300
+                err = (new[idx].double() - ref.double()).abs()
+                assert bool((err <= bound).all()), (dtype, r, float((err / bound).max()))
+                assert float((new[idx].double() != ref.double()).float().mean()) <= 0.05  # (mostly bitwise)
+        for new, old in ((P, p), (Mo, mom)):
+            assert torch.equal(new[~touched.to(DEV)], old[~touched.to(DEV)])
+        P2 = p.clone()  # without momentum
+        launch_matrix_apply(P2, None, mats.to(DEV), table, r)
+        assert torch.equal(P2, P)
+
+
 def mse(o, t):
     return ((o - t) ** 2).mean()
 
@@ -602,8 +642,9 @@ def test_remeasure_after_the_translation_colour_equals_a_full_measurement(dtype,
             assert len(full) == stats.rounds
     (s1, v1, b1), (s2, v2, b2) = results
     assert (s1.rounds, s1.max_residual, s1.skipped) == (s2.rounds, s2.max_residual, s2.skipped)
+    bits = lambda t: t.view(torch.uint8)  # noqa: E731 (bitwise, the padding between segments included)
     for (p1, m1), (p2, m2) in zip(b1, b2):
-        assert torch.equal(p1, p2) and torch.equal(m1, m2)
+        assert torch.equal(bits(p1), bits(p2)) and torch.equal(bits(m1), bits(m2))
     assert all(torch.equal(v1[k], v2[k]) for k in v1)
     assert rel_dev(laws, dict(m.named_parameters()), h0) <= (DEV_TOL if dtype == torch.float64 else 1e-6)
 
@@ -756,13 +797,16 @@ def test_matrix_action_strided_view_covers_the_gathered_slices():
 
 
 @pytest.mark.parametrize("layers", [1, 2])
-@pytest.mark.parametrize("strided", [True, False])
-def test_matrix_actions_by_strided_view_and_by_gather(monkeypatch, strided, layers):
-    # attention models once with their matrix slices as strided views (one [layers, heads, r, S]
-    # view per slice pattern) and once through the index gather (irregular layouts use it)
+@pytest.mark.parametrize("path", ["kernel", "strided", "gather"])
+def test_matrix_actions_by_kernel_strided_view_and_gather(monkeypatch, path, layers):
+    # attention models with their matrix actions applied by the matrix kernel (the default), by
+    # torch on strided views (one [layers, heads, r, S] view per slice pattern) and by torch
+    # through the index gather (irregular layouts use it)
     import consopt.projection as P
 
-    if not strided:
+    strided = path == "strided"
+    monkeypatch.setattr(FlatProjector, "matrix_kernel", path == "kernel")
+    if path == "gather":
         monkeypatch.setattr(P, "_as_strided", lambda q, bases: None)
     name = "attention"
     m, x, y, loss_fn, laws = setup(name)
@@ -778,7 +822,12 @@ def test_matrix_actions_by_strided_view_and_by_gather(monkeypatch, strided, laye
     out_before = output(m, x, ce)
     proj = FlatProjector(laws, opt._tracker.evaluator.tensors, opt._flat)
     views = [mm["strided"] for plan in proj._plans for mm in plan["matmul"]]
-    assert views and all(v is not None for v in views) == strided and any(v is not None for v in views) == strided
+    kern = [k for plan in proj._plans for k in plan["matkern"]]
+    if path == "kernel":
+        assert kern and not views
+    else:
+        assert not kern and views
+        assert all(v is not None for v in views) == strided and any(v is not None for v in views) == strided
     if strided:
         assert {v[0][0] for v in views} == {layers}
     stats = proj(h0)
@@ -970,3 +1019,25 @@ def test_lazy_transport_survives_checkpoints_rebuilds_and_switching():
     same()
     with pytest.raises(ValueError, match="momentum_transport"):
         ol.momentum_transport = "later"
+
+
+def test_lazy_transport_with_a_forced_first_step_keeps_untouched_buffers():
+    # fused_sgd_step(first_step=True) restarts the buffers of the parameters it updates; a
+    # parameter without a grad keeps its buffer (torch's semantics), which must be the transported
+    # one: what is owed is applied before such a step
+    from consopt.fused import fused_sgd_step
+
+    (me, ml), (oe, ol), x, y, loss_fn, laws = _twins("mlp")
+    for _ in range(2):
+        for model, o in zip((me, ml), (oe, ol)):
+            _step(model, o, x, y, loss_fn)
+    assert any(b.transport.dirty for g in ol._flat for b in g.buffers if b.transport is not None)
+    for model, o in zip((me, ml), (oe, ol)):
+        o.zero_grad()
+        loss_fn(model(x), y).backward()
+        next(model.parameters()).grad = None
+        with torch.no_grad():
+            fused_sgd_step(o._flat[0], 0.02, momentum=0.9, first_step=True)
+    ol.sync_momentum()
+    for p, q in zip(me.parameters(), ml.parameters()):
+        assert torch.equal(p, q) and torch.equal(oe.state[p]["momentum_buffer"], ol.state[q]["momentum_buffer"])

@@ -18,6 +18,17 @@ for every element e (the offset inside its segment) of every tile in an integer 
   (so, sk)) says which entry of the shift vector D the row adds, scaled by c(i0) (0 for rows
   no translation touches). Momentum is a velocity and a translation does not change it.
 
+``matrix_apply_kernel`` applies the matrix actions (attention heads, linear laws): for every
+slice of an integer table, x[i, j] = buf[base + i·si + j·sj] (i < r units, j in [c0, c1)),
+
+    x ← A x,   A = G[goff : goff + r²] as an r×r float64 matrix,
+
+on the parameters and, in the same program, the momentum: one read and one write of each
+instead of torch's gather / float64 copy / bmm / round / scatter (about 48 bytes per float32
+element and buffer). The product is a float64 ``tl.dot`` of exactly widened values, rounded once
+to the element type (fp16/bf16 through fp32, as torch's ``.to()`` does): the result equals the
+torch path's ``(A @ x.double()).to(dtype)`` up to the order of the float64 additions.
+
 Arithmetic: the value is widened to float64 (bf16 through its bit pattern), multiplied by the
 two factors in that order, and rounded to the buffer's dtype once — through float32 for
 fp16/bf16, as torch's ``.to()`` does — so for the multiplicative part the result is bitwise
@@ -32,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .sgd_stats import _bits
+from .sgd_stats import _bits, _load16_f64
 
 # Tile table layout (int64, one row of ACOL per program)
 A_BASE, A_E0, A_E1, A_NBLK = range(4)
@@ -43,6 +54,13 @@ ACOL = 16
 
 APPLY_BLOCK = 1024  # elements per inner iteration
 APPLY_TILE = 16384  # elements per program (the planner's default)
+
+# Matrix-action table layout (int64, one row of MCOL per program)
+X_BASE, X_SI, X_SJ, X_C0, X_C1, X_GOFF = range(6)
+MCOL = 6
+MATRIX_BS = 32  # slice columns per inner iteration (tl.dot needs >= 16)
+MATRIX_TILE = 512  # slice columns per program
+MATRIX_MAX_R = 64  # larger r: the batched torch matmul (an [R, R] float64 block per program)
 
 
 @triton.jit
@@ -163,4 +181,81 @@ def launch_symmetry_apply(p_flat, m_flat, factors, table, *, coef=None, rowtab=N
         P, Mb, factors, coef, rowtab, shift, table, NC=ACOL, BLOCK=block, HAS_M=m_flat is not None,
         SHIFT=shift_on, BF16=p_flat.dtype == torch.bfloat16, F64=p_flat.dtype == torch.float64,
         IDX64=bool(idx64), num_warps=num_warps,
+    )
+
+
+@triton.jit
+def _matrix_tile(B, A, off, mask, BF16: tl.constexpr, HALF: tl.constexpr, F64: tl.constexpr):
+    """B[off] ← A · B[off] for one [R, BS] block: widened exactly to float64 (16-bit elements
+    through 32-bit words, see _load16_f64), a float64 tl.dot, rounded once to the element type
+    (fp16/bf16 through fp32, as torch's .to() does)."""
+    if HALF:
+        x = _load16_f64(B, off, mask, BF16)
+    else:
+        x = tl.load(B + off, mask=mask, other=0).to(tl.float64)
+    y = tl.dot(A, x)
+    if F64:
+        tl.store(B + off, y, mask=mask)
+    elif BF16:  # round to nearest even on the fp32 bit pattern (NaN stays a quiet NaN)
+        b = y.to(tl.float32).to(tl.uint32, bitcast=True)
+        rr = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+        rr = tl.where(y != y, (b >> 16) | 0x40, rr)
+        tl.store(B + off, rr.to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
+    else:
+        tl.store(B + off, y.to(tl.float32).to(B.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def matrix_apply_kernel(P, M, G, TAB, r, NC: tl.constexpr, R: tl.constexpr, BS: tl.constexpr, HAS_M: tl.constexpr,
+                        BF16: tl.constexpr, HALF: tl.constexpr, F64: tl.constexpr):
+    pid = tl.program_id(0)
+    tp = TAB + pid * NC
+    base = tl.load(tp + 0)
+    si = tl.load(tp + 1)
+    sj = tl.load(tp + 2)
+    c0 = tl.load(tp + 3)
+    c1 = tl.load(tp + 4)
+    go = tl.load(tp + 5)
+    ri = tl.arange(0, R)
+    rm = ri < r
+    A = tl.load(G + go + ri[:, None] * r + ri[None, :], mask=rm[:, None] & rm[None, :], other=0.0)
+    cs = tl.arange(0, BS)
+    for c in range(c0, c1, BS):
+        cols = c + cs
+        mask = rm[:, None] & (cols < c1)[None, :]
+        off = base + ri[:, None] * si + cols[None, :] * sj
+        _matrix_tile(P, A, off, mask, BF16, HALF, F64)
+        if HAS_M:
+            _matrix_tile(M, A, off, mask, BF16, HALF, F64)
+
+
+def matrix_rows(bases, sels, r: int, si: int, sj: int, S: int, tile: int = MATRIX_TILE) -> list:
+    """Table rows [base, si, sj, c0, c1, goff] of slices x[i, j] = buf[base + i·si + j·sj] (r × S),
+    slice k acted on by matrix sels[k] of a float64 [n, r, r] stack, cut into programs of at most
+    `tile` columns."""
+    out = []
+    for b0, sel in zip(bases, sels):
+        for c0 in range(0, S, tile):
+            out.append([int(b0), int(si), int(sj), c0, min(c0 + tile, S), int(sel) * r * r])
+    return out
+
+
+def launch_matrix_apply(p_flat, m_flat, mats, table, r: int, *, num_warps: int | None = None):
+    """One launch over the slices of `table` (int64 [n, MCOL]) of one flat buffer: every slice
+    x ← A x with A its r×r matrix of `mats` (float64 [k, r, r]); the momentum (m_flat, or None)
+    takes the same action. r <= MATRIX_MAX_R."""
+    n = int(table.shape[0])
+    if n == 0:
+        return
+    if not 1 <= r <= MATRIX_MAX_R:
+        raise ValueError(f"launch_matrix_apply: r = {r} outside 1..{MATRIX_MAX_R}")
+    R = max(16, triton.next_power_of_2(r))
+    if num_warps is None:  # (an [R, R] float64 matrix in registers: 8 warps for R = 64, sized with ptxas)
+        num_warps = 8 if R >= 64 else 4
+    P = _bits(p_flat)
+    Mb = _bits(m_flat) if m_flat is not None else P
+    matrix_apply_kernel[(n,)](
+        P, Mb, mats.contiguous().reshape(-1), table, r, NC=MCOL, R=R, BS=MATRIX_BS, HAS_M=m_flat is not None,
+        BF16=p_flat.dtype == torch.bfloat16, HALF=p_flat.element_size() == 2, F64=p_flat.dtype == torch.float64,
+        num_warps=num_warps,
     )
