@@ -157,7 +157,7 @@ def _drive_owed(group, compiled) -> None:
 
 def _drive_projection(dtypes) -> None:
     """The symmetry projection's apply kernel (rescale only, and rescale + translation shift) and
-    its matrix kernel (a head size of 64 and one below 16, with and without momentum)."""
+    its matrix kernel (head sizes 64, 32 and one below 16, with and without momentum)."""
     from triton_kernels.project import ACOL, launch_matrix_apply, launch_symmetry_apply, matrix_rows, plan_tiles
 
     for dtype in dtypes:
@@ -168,9 +168,9 @@ def _drive_projection(dtypes) -> None:
         launch_symmetry_apply(p, m, F, table)
         launch_symmetry_apply(p, None, F, table, coef=torch.zeros(65, dtype=torch.float64),
                               rowtab=torch.zeros(128, dtype=torch.int64), shift=torch.zeros(64, dtype=torch.float64))
-        for r in (64, 5):
+        for r in (64, 32, 5):  # (R = 64, 32, 16; one slice of r columns × 64 rows: inside p's 4096)
             mats = torch.eye(r, dtype=torch.float64).expand(2, r, r)
-            tab = torch.tensor(matrix_rows([0, 64 * r], [0, 1], r, 64, 1, 64), dtype=torch.int64)
+            tab = torch.tensor(matrix_rows([0], [1], r, 1, 64, 64), dtype=torch.int64)
             launch_matrix_apply(p, m, mats, tab, r)
             launch_matrix_apply(p, None, mats, tab, r)
 

@@ -1526,11 +1526,11 @@ class FlatProjector(_ColouredProjector):
         self._install_transport()
 
     def _uninstall_transport(self) -> None:
-        for g in self.groups:
-            for b in g.buffers:
-                if b.transport is not None:
-                    b.transport.flush(b.mom)
-                    b.transport = None
+        """This projector's transports: what they owe is applied, and they are removed."""
+        for b, t in getattr(self, "_transports", ()):
+            if b.transport is t:
+                t.flush(b.mom)
+                b.transport = None
         self._pf = None
         self._transports = []
 
@@ -1592,6 +1592,8 @@ class FlatProjector(_ColouredProjector):
         self._pf = torch.ones(pos, dtype=torch.float64, device=self._dev)
         mine = {}
         for b, a, z, fseg, tab, slots, big in made:
+            if b.transport is not None:  # another projector's: what it owes is applied first
+                b.transport.flush(b.mom)
             b.transport = MomentumTransport(self._pf[a:z], self._T(fseg), self._T(tab), slots, big)
             mine[id(b)] = b.transport
         self._transports = [(b, b.transport) for b, *_ in made]
@@ -1732,8 +1734,9 @@ class FlatProjector(_ColouredProjector):
         return out
 
     def _plan_apply(self, plan: dict, fams, seg_fac: dict, uo: dict, nu: int, do: dict) -> None:
-        """The apply kernel's tables per flat buffer (factor slots, row shifts, tiles) and the
-        matrix actions' gather/bmm/scatter groups."""
+        """The apply kernel's tables per flat buffer (factor slots, row shifts, tiles), the matrix
+        kernel's tables per buffer and matrix size (`plan["matkern"]`), and the gather/bmm/scatter
+        groups of the matrix slices it does not take (`plan["matmul"]`)."""
         dev = self._dev
         T = self._T
         shifts = [f for f in fams if _kind(f) == "shift"]

@@ -25,9 +25,14 @@ def test_every_recorded_kernel_configuration_compiles_for_sm90(tmp_path):
     assert res and all(x["ok"] for x in res)
     seen = {(x["kernel"], x["data"], tuple(x["flags"])) for x in res}
     kernels = {k for k, _, _ in seen}
-    assert kernels == {"sgd_stats_kernel", "gram_kernel", "csr_sum_kernel", "symmetry_apply_kernel"}
+    assert kernels == {"sgd_stats_kernel", "gram_kernel", "csr_sum_kernel", "symmetry_apply_kernel",
+                       "matrix_apply_kernel"}
     # the paths that matter: update + row Gram for fp32 and for bf16 (read through 32-bit words)
     assert any(k == "sgd_stats_kernel" and d == "*fp32" and "GRAM_R" in f and "UPDATE" in f for k, d, f in seen)
     assert any(k == "sgd_stats_kernel" and d == "*i16" and {"GRAM_R", "HALF", "UPDATE"} <= set(f) for k, d, f in seen)
     assert any(k == "gram_kernel" and "HALF" in f for k, d, f in seen)
+    # the lazy momentum transport inside the update, and the matrix actions' float64 tl.dot on
+    # 16-bit buffers (read through 32-bit words too)
+    assert any(k == "sgd_stats_kernel" and {"MSCALE", "UPDATE"} <= set(f) for k, d, f in seen)
+    assert any(k == "matrix_apply_kernel" and {"HALF", "HAS_M"} <= set(f) for k, d, f in seen)
     assert all(x["cubin_bytes"] > 0 for x in res)

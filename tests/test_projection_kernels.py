@@ -1009,6 +1009,18 @@ def test_lazy_transport_survives_checkpoints_rebuilds_and_switching():
             model.fc.weight.data = model.fc.weight.detach().clone()
     both()
     same()
+    # another projector on the same buffers: an eager one leaves the transport alone, a lazy one
+    # takes over after applying what is owed (ours then transports eagerly)
+    both()
+    FlatProjector(laws, ol._tracker.evaluator.tensors, ol._flat)
+    assert ol._projector.lazy
+    other = FlatProjector(laws, ol._tracker.evaluator.tensors, ol._flat, lazy_momentum=True)
+    assert other.lazy and not ol._projector.lazy
+    both()
+    same()
+    other.set_lazy(False)
+    ol.momentum_transport = "lazy"  # (installs ours again)
+    assert ol._projector.lazy
     # switching to eager applies what is owed; switching back installs the transport again
     ol.momentum_transport = "eager"
     assert not ol._projector.lazy and all(b.transport is None for g in ol._flat for b in g.buffers)

@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .sgd_stats import _bits, _load16_f64
+from .sgd_stats import _bits, _ct, _load16_f64, _round_store
 
 # Tile table layout (int64, one row of ACOL per program)
 A_BASE, A_E0, A_E1, A_NBLK = range(4)
@@ -58,7 +58,7 @@ APPLY_TILE = 16384  # elements per program (the planner's default)
 # Matrix-action table layout (int64, one row of MCOL per program)
 X_BASE, X_SI, X_SJ, X_C0, X_C1, X_GOFF = range(6)
 MCOL = 6
-MATRIX_BS = 32  # slice columns per inner iteration (tl.dot needs >= 16)
+MATRIX_BS = 32  # slice columns per inner iteration (and r padded to R >= 16: tl.dot shapes every dtype takes)
 MATRIX_TILE = 512  # slice columns per program
 MATRIX_MAX_R = 64  # larger r: the batched torch matmul (an [R, R] float64 block per program)
 
@@ -193,16 +193,8 @@ def _matrix_tile(B, A, off, mask, BF16: tl.constexpr, HALF: tl.constexpr, F64: t
         x = _load16_f64(B, off, mask, BF16)
     else:
         x = tl.load(B + off, mask=mask, other=0).to(tl.float64)
-    y = tl.dot(A, x)
-    if F64:
-        tl.store(B + off, y, mask=mask)
-    elif BF16:  # round to nearest even on the fp32 bit pattern (NaN stays a quiet NaN)
-        b = y.to(tl.float32).to(tl.uint32, bitcast=True)
-        rr = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
-        rr = tl.where(y != y, (b >> 16) | 0x40, rr)
-        tl.store(B + off, rr.to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
-    else:
-        tl.store(B + off, y.to(tl.float32).to(B.dtype.element_ty), mask=mask)
+    st, _y = _round_store(_ct(tl.dot(A, x), F64), B, BF16, F64)
+    tl.store(B + off, st, mask=mask)
 
 
 @triton.jit
@@ -249,6 +241,8 @@ def launch_matrix_apply(p_flat, m_flat, mats, table, r: int, *, num_warps: int |
         return
     if not 1 <= r <= MATRIX_MAX_R:
         raise ValueError(f"launch_matrix_apply: r = {r} outside 1..{MATRIX_MAX_R}")
+    if mats.dtype != torch.float64:
+        raise ValueError(f"launch_matrix_apply: the matrices must be float64, got {mats.dtype}")
     R = max(16, triton.next_power_of_2(r))
     if num_warps is None:  # (an [R, R] float64 matrix in registers: 8 warps for R = 64, sized with ptxas)
         num_warps = 8 if R >= 64 else 4
