@@ -46,7 +46,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-from .laws import Family, LawSet
+from .laws import Family, FamilyValues, LawSet
 
 __all__ = ["FlatBuffer", "FlatGroup", "CompiledLaws", "compile_laws", "fused_sgd_step", "law_values_only", "TILE_TARGET"]
 
@@ -938,6 +938,7 @@ class CompiledLaws:
                 continue
             self.eager.append(f)
         self.n_out = n_out
+        self._where = {name: (off, int(np.prod(shape)) if shape else 1, tuple(shape)) for name, off, shape in self.layout}
         o = np.concatenate(outs) if outs else np.zeros(0, np.int64)
         s = np.concatenate(slots) if slots else np.zeros(0, np.int64)
         c = np.concatenate(coefs) if coefs else np.zeros(0, np.float64)
@@ -1183,16 +1184,13 @@ class CompiledLaws:
             a = self.scratch[slots]  # [F, T, U]
             o = torch.einsum("ft,ftu,ftv->fuv", signs, a, a).reshape(-1)
             out[pos] = out[pos] + o
-        vals = {}
-        for name, off, shape in self.layout:
-            size = int(np.prod(shape)) if shape else 1
-            vals[name] = out[off:off + size].view(shape)
+        extra = {}
         if self.eager:
             with torch.no_grad():
                 p = {n: t.detach() for n, t in self.params_by_name.items()}
                 for f in self.eager:
-                    vals[f.name] = f.value(p)
-        return {k: vals[k] for k in self.keys}
+                    extra[f.name] = f.value(p)
+        return FamilyValues(out, self._where, self.keys, extra)
 
 
 def compile_laws(lawset: LawSet, params_by_name: Mapping[str, torch.Tensor], groups, *,

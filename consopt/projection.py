@@ -53,7 +53,7 @@ import math
 import numpy as np
 import torch
 
-from .laws import Family, LawSet, Term
+from .laws import Family, FamilyValues, LawSet, Term
 
 
 @dataclasses.dataclass
@@ -662,6 +662,7 @@ class _Stats:
             self.off[f.name] = n
             n += math.prod(f.shape(laws.param_shapes))
         self.zero = n  # values() appends one 0 here: the consumer side of a family without one
+        self._gather = {}  # id(a FamilyValues layout) -> (that layout, positions of values() in its flat vector)
 
     def values(self, stats: dict | None = None, vals: dict | None = None) -> torch.Tensor:
         """float64 [n + 1]: every split family's values, concatenated, then 0. `stats`: the
@@ -671,6 +672,13 @@ class _Stats:
         if vals is None:
             vals = self.evaluate() if stats is None else self.evaluate.values_from_stats(stats)
         z = torch.zeros(1, dtype=torch.float64, device=self.device)
+        if isinstance(vals, FamilyValues) and not vals.extra:  # one gather instead of a view per family
+            idx = self._gather.get(id(vals.where))
+            if idx is None or idx[0] is not vals.where:
+                pos = np.concatenate([vals.where[n][0] + np.arange(vals.where[n][1]) for n in self.names]
+                                     + [np.array([vals.flat.numel()])])
+                idx = self._gather[id(vals.where)] = (vals.where, torch.as_tensor(pos, device=self.device))
+            return torch.cat([vals.flat, z])[idx[1]]
         return torch.cat([vals[n].reshape(-1) for n in self.names] + [z])
 
     def index(self, f: Family, tag: str, size: int) -> np.ndarray:
@@ -907,6 +915,7 @@ class _ColouredProjector:
             self._unit_off[f.name] = u
             u += f.units if _kind(f) == "diag" else 1
         self._n_units = u
+        self._fam_where = None  # (`_by_family`)
         self._measure = self._make_stats(fams)
         self._plans = []
         for ci, c in enumerate(colours):
@@ -1216,8 +1225,11 @@ class _ColouredProjector:
         stats = ProjectionStats()
         if values is not None and self._last is not None and measured is None:
             last_scale, last_ok = self._last
-            H = torch.cat([values[f.name].reshape(-1).to(device=dev, dtype=torch.float64) for f in laws.families]) \
-                if laws.families else H0
+            if isinstance(values, FamilyValues) and values.where is getattr(self, "_fam_where", None):
+                H = values.flat  # (`step_values`: already in the measurement layout)
+            else:
+                H = torch.cat([values[f.name].reshape(-1).to(device=dev, dtype=torch.float64) for f in laws.families]) \
+                    if laws.families else H0
             r = torch.where(last_ok[self._exp], (H - H0).abs() / last_scale, torch.zeros_like(H))
             res = float(r.max()) if r.numel() else 0.0
             if res <= tol:  # already on the level set (e.g. a step whose drift is below the storage precision)
@@ -1286,10 +1298,13 @@ class _ColouredProjector:
         self._last = (scale, ok) if scale is not None else None
         return stats
 
-    def _by_family(self, H: torch.Tensor) -> dict:
-        """{family name: its values} from h in the measurement layout."""
-        return {f.name: H[self._meas_off[f.name]:self._meas_off[f.name] + math.prod(self._shape[f.name])]
-                .view(self._shape[f.name]) for f in self.laws.families}
+    def _by_family(self, H: torch.Tensor) -> FamilyValues:
+        """{family name: its values} from h in the measurement layout (views made when read)."""
+        if getattr(self, "_fam_where", None) is None:
+            self._fam_where = {f.name: (self._meas_off[f.name], math.prod(self._shape[f.name]), self._shape[f.name])
+                               for f in self.laws.families}
+            self._fam_names = [f.name for f in self.laws.families]
+        return FamilyValues(H, self._fam_where, self._fam_names)
 
     def _coupling(self, cp: dict) -> tuple:
         """(Q, ua, sa, ub, sb) of the tensors of one coupling shape, scaled along two axes a < b, at

@@ -639,3 +639,21 @@ def test_find_laws_if_available():
     _check_laws(F.law_values_only(c), ls, _named(m), "find_laws h0")
     _backward(m, torch.randn(3, 5, device=DEV))
     _check_laws(F.fused_sgd_step(g, 0.1, momentum=0.9, compiled_laws=c), ls, _named(m), "find_laws step")
+
+
+def test_family_values_is_a_lazy_mapping_over_one_vector():
+    # CompiledLaws.finish() and the projector hand the law values over as views of one vector,
+    # made when read: the same keys, order, shapes and values as the dict they stand for
+    from consopt.laws import FamilyValues
+
+    flat = torch.randn(11, dtype=torch.float64)
+    where = {"a": (0, 6, (2, 3)), "b": (6, 1, ()), "c": (7, 4, (4,))}
+    extra = {"e": torch.randn(2, dtype=torch.float64)}
+    fv = FamilyValues(flat, where, ["c", "a", "e", "b"], extra)
+    assert list(fv) == ["c", "a", "e", "b"] and len(fv) == 4 and "e" in fv and "z" not in fv
+    ref = {"c": flat[7:11], "a": flat[0:6].view(2, 3), "e": extra["e"], "b": flat[6:7].view(())}
+    d = dict(fv)
+    assert list(d) == list(ref) and all(torch.equal(d[k], ref[k]) and d[k].shape == ref[k].shape for k in ref)
+    assert fv["a"].data_ptr() == flat.data_ptr() and fv["a"] is fv["a"]  # a view, made once
+    with pytest.raises(KeyError):
+        fv["z"]
