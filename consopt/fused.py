@@ -496,11 +496,16 @@ class FlatGroup:
                 self._gptrs[i] = b.view(b.grad, k).data_ptr()
         self.version += 1
 
-    def _carry(self):
-        out = {}
+    def sync_momentum(self) -> None:
+        """Apply what a lazy projection owes the momentum buffers (`MomentumTransport.flush`)."""
         for b in self.buffers:
             if b.transport is not None:
-                b.transport.flush(b.mom)  # the new buffers start with nothing owed
+                b.transport.flush(b.mom)
+
+    def _carry(self):
+        self.sync_momentum()  # the new buffers start with nothing owed
+        out = {}
+        for b in self.buffers:
             hb = b.hasbuf.cpu().numpy() if b.mom is not None else np.zeros(len(b.index), dtype=np.int32)
             for k, i in enumerate(b.index):
                 m = b.view(b.mom, k).detach().clone() if b.mom is not None else None
@@ -1301,17 +1306,24 @@ def fused_sgd_step(group: FlatGroup, lr, momentum: float = 0.0, dampening: float
     return compiled_laws.finish() if finish else None
 
 
+def statistics_pass(b: FlatBuffer, tables, scratch, gram=None, *, mom=None, scale=None, idx64: bool = False):
+    """Statistics-only launches over tile tables of buffer `b` (variant, table pairs, as
+    `CompiledLaws.stats_tables` gives them) and the Gram kernel's blocks `gram`: the statistics of
+    the stored parameters into `scratch`, after the projection's diagonal action `scale` (on `mom`
+    too when given; see `triton_kernels.sgd_stats.launch_sgd_stats`) when one is given."""
+    K_ = _K()
+    for (bx, by, vec, gr, gc, ca, al), table in tables:
+        K_.launch_sgd_stats(b.param, None, mom, table, None, None, scratch, block=(bx, by), vec=vec, gram_r=gr,
+                            gram_c=gc, colacc=ca, aligned=al, stats=True, update=False, scale=scale, idx64=idx64)
+    if gram is not None:  # Gram blocks too large for one tile: from the stored values
+        K_.launch_gram(b.param, gram, scratch)
+
+
 @torch.no_grad()
 def law_values_only(compiled_laws: CompiledLaws) -> dict:
     """Law values at the current parameters (no update): h(θ_0) for tracking."""
-    K_ = _K()
     compiled_laws.ensure_current()
     for gi, g in enumerate(compiled_laws.groups):
         for bi, b in enumerate(g.buffers):
-            for (bx, by, vec, gr, gc, ca, al), table in compiled_laws.stats_tables(gi, bi):
-                K_.launch_sgd_stats(b.param, None, None, table, None, None, compiled_laws.scratch, block=(bx, by),
-                                    vec=vec, gram_r=gr, gram_c=gc, colacc=ca, aligned=al, stats=True, update=False)
-            gt = compiled_laws.gram_table(gi, bi)
-            if gt is not None:
-                K_.launch_gram(b.param, gt, compiled_laws.scratch)
+            statistics_pass(b, compiled_laws.stats_tables(gi, bi), compiled_laws.scratch, compiled_laws.gram_table(gi, bi))
     return compiled_laws.finish()

@@ -696,6 +696,23 @@ def _factor_cols(fac: dict, shape) -> list:
     return cols
 
 
+_IDX64_FROM = 2 ** 31 - 2 ** 20  # segments this large need int64 segment-local indices (the kernels' IDX64)
+
+
+def _factor_table(segs, facs) -> tuple:
+    """(FSEG rows, int64 indices needed) of one flat buffer's segments, as the SCALE/MSCALE
+    launches read them (`launch_sgd_stats`): segment k's factor axes from facs[k] ({axis: slot
+    offset}, empty for none; `_factor_cols`), switched on where it has factors and elements."""
+    fseg = np.zeros((max(len(segs), 1), 9), np.int64)
+    fseg[:, [2, 3, 6, 7]] = 1
+    big = False
+    for k, (sg, fac) in enumerate(zip(segs, facs)):
+        fseg[k, :8] = _factor_cols(fac, sg.shape)
+        fseg[k, 8] = int(bool(fac) and sg.numel > 0)
+        big |= bool(fac) and sg.numel >= _IDX64_FROM
+    return fseg, big
+
+
 def _offsets(shape, axis: int, index: np.ndarray) -> np.ndarray:
     """Element offsets inside a tensor of `shape` of the term slice movedim(axis, 0)[index]: [U, W]."""
     ar = np.arange(math.prod(shape), dtype=np.int64).reshape(shape)
@@ -915,7 +932,9 @@ class _ColouredProjector:
             self._unit_off[f.name] = u
             u += f.units if _kind(f) == "diag" else 1
         self._n_units = u
-        self._fam_where = None  # (`_by_family`)
+        self._fam_where = {f.name: (self._meas_off[f.name], math.prod(self._shape[f.name]), self._shape[f.name])
+                           for f in fams}  # (`_by_family`)
+        self._fam_names = [f.name for f in fams]
         self._measure = self._make_stats(fams)
         self._plans = []
         for ci, c in enumerate(colours):
@@ -1225,7 +1244,7 @@ class _ColouredProjector:
         stats = ProjectionStats()
         if values is not None and self._last is not None and measured is None:
             last_scale, last_ok = self._last
-            if isinstance(values, FamilyValues) and values.where is getattr(self, "_fam_where", None):
+            if isinstance(values, FamilyValues) and values.where is self._fam_where:
                 H = values.flat  # (`step_values`: already in the measurement layout)
             else:
                 H = torch.cat([values[f.name].reshape(-1).to(device=dev, dtype=torch.float64) for f in laws.families]) \
@@ -1234,7 +1253,7 @@ class _ColouredProjector:
             res = float(r.max()) if r.numel() else 0.0
             if res <= tol:  # already on the level set (e.g. a step whose drift is below the storage precision)
                 stats.max_residual, stats.skipped, stats.converged = res, int((~last_ok).sum()), True
-                self.values = {f.name: values[f.name] for f in laws.families}
+                self.values = self._by_family(H)  # (H: `values` in the measurement layout)
                 return stats
         self._newton = self.matrix_newton if self._prev_rounds is None or self._prev_rounds <= 1 else 1
         ok = torch.ones(self._n_units, dtype=torch.bool, device=dev)
@@ -1300,10 +1319,6 @@ class _ColouredProjector:
 
     def _by_family(self, H: torch.Tensor) -> FamilyValues:
         """{family name: its values} from h in the measurement layout (views made when read)."""
-        if getattr(self, "_fam_where", None) is None:
-            self._fam_where = {f.name: (self._meas_off[f.name], math.prod(self._shape[f.name]), self._shape[f.name])
-                               for f in self.laws.families}
-            self._fam_names = [f.name for f in self.laws.families]
         return FamilyValues(H, self._fam_where, self._fam_names)
 
     def _coupling(self, cp: dict) -> tuple:
@@ -1483,6 +1498,7 @@ class FlatProjector(_ColouredProjector):
         self.groups = list(groups)
         self.tile = tile
         self.lazy_momentum = bool(lazy_momentum)
+        self._pf, self._transports = None, []  # (`_install_transport`)
         super().__init__(laws, params_by_name)
 
     def _key(self, name):
@@ -1542,7 +1558,7 @@ class FlatProjector(_ColouredProjector):
 
     def _uninstall_transport(self) -> None:
         """This projector's transports: what they owe is applied, and they are removed."""
-        for b, t in getattr(self, "_transports", ()):
+        for b, t in self._transports:
             if b.transport is t:
                 t.flush(b.mom)
                 b.transport = None
@@ -1587,9 +1603,7 @@ class FlatProjector(_ColouredProjector):
             for bi, b in enumerate(g.buffers):
                 start = pos
                 pos += 1  # F[0] = 1: the slot of axes without factors
-                fseg = np.zeros((max(len(b.segs), 1), 9), np.int64)
-                fseg[:, [2, 3, 6, 7]] = 1
-                rows, slots, big = [], [], False
+                facs, slots = [], []
                 for k, sg in enumerate(b.segs):
                     a0, fac = pos - start, {}
                     for axis in sorted(axes.get((gi, bi, k), ())):
@@ -1597,11 +1611,10 @@ class FlatProjector(_ColouredProjector):
                         glob[((gi, bi, k), axis)] = pos
                         pos += sg.shape[axis]
                     slots.append((a0, pos - start))
-                    if fac and sg.numel > 0:
-                        fseg[k, :8] = _factor_cols(fac, sg.shape)
-                        fseg[k, 8] = 1
-                        rows.append([sg.base, sg.numel] + fseg[k, :8].tolist() + [0, 0, max(sg.numel // sg.shape[0], 1), 1])
-                        big |= sg.numel >= 2 ** 31 - 2 ** 20
+                    facs.append(fac)
+                fseg, big = _factor_table(b.segs, facs)
+                rows = [[sg.base, sg.numel] + fseg[k, :8].tolist() + [0, 0, max(sg.numel // sg.shape[0], 1), 1]
+                        for k, sg in enumerate(b.segs) if fseg[k, 8]]  # (the apply kernel's rows, no shift)
                 if rows:
                     made.append((b, start, pos, fseg, plan_tiles(rows, self.tile or APPLY_TILE), slots, big))
         self._pf = torch.ones(pos, dtype=torch.float64, device=self._dev)
@@ -1678,14 +1691,11 @@ class FlatProjector(_ColouredProjector):
 
     def _remeasure(self, tables: dict) -> torch.Tensor:
         """The measurement after a colour that moved only the segments of `tables` (`_plan_remeasure`)."""
-        from triton_kernels import sgd_stats as K
+        from .fused import statistics_pass
 
         cl = self._measure.compiled
         for (gi, bi), tabs in tables.items():
-            b = self.groups[gi].buffers[bi]
-            for (bx, by, vec, gr, gc, ca, al), table in tabs:
-                K.launch_sgd_stats(b.param, None, None, table, None, None, cl.scratch, block=(bx, by), vec=vec,
-                                   gram_r=gr, gram_c=gc, colacc=ca, aligned=al, stats=True, update=False)
+            statistics_pass(self.groups[gi].buffers[bi], tabs, cl.scratch)
         return self._measure.values(vals=cl.finish())
 
     def step_laws(self):
@@ -1714,14 +1724,7 @@ class FlatProjector(_ColouredProjector):
         fold = {}
         for gi, g in enumerate(self.groups):
             for bi, b in enumerate(g.buffers):
-                fseg = np.zeros((max(len(b.segs), 1), 9), np.int64)
-                fseg[:, [2, 3, 6, 7]] = 1
-                big = False
-                for k, sg in enumerate(b.segs):
-                    fac = plan["seg_fac"].get((gi, bi, k), {})
-                    fseg[k, :8] = _factor_cols(fac, sg.shape)
-                    fseg[k, 8] = int(bool(fac) and sg.numel > 0)
-                    big |= bool(fac) and sg.numel >= 2 ** 31 - 2 ** 20
+                fseg, big = _factor_table(b.segs, [plan["seg_fac"].get((gi, bi, k), {}) for k in range(len(b.segs))])
                 tables = []
                 for variant, tab in cl.step_tables(gi, bi):
                     t = tab.cpu().numpy()
@@ -1798,7 +1801,7 @@ class FlatProjector(_ColouredProjector):
                     rows.append([sg.base, sg.numel] + cols)
                 if rows:
                     tab = plan_tiles(rows, self.tile or APPLY_TILE)
-                    big = max(int(r[1]) for r in rows) >= 2 ** 31 - 2 ** 20
+                    big = max(int(r[1]) for r in rows) >= _IDX64_FROM
                     plan["apply"][(gi, bi)] = (T(tab), shift_here, big)
         # -- matrix actions: terms grouped by (buffer, slice pattern); G = [A_f ; A_f⁻ᵀ] per size r
         groups = {}
@@ -1874,18 +1877,14 @@ class FlatProjector(_ColouredProjector):
         element x ← x·fA·fB on parameters and momentum, rounded once as `triton_kernels.project`
         does), which forms the next statistics from the values it stores: one pass over the law
         parameters instead of an apply pass plus a statistics pass."""
-        from triton_kernels import sgd_stats as K
+        from .fused import statistics_pass
 
         cl = fold["stats"].compiled
+        lazy = self.lazy
         for (gi, bi), fb in fold["buffers"].items():
             b = self.groups[gi].buffers[bi]
-            for (bx, by, vec, gr, gc, ca, al), table in fb["tables"]:
-                K.launch_sgd_stats(b.param, None, None if self.lazy else b.mom, table, None, None, cl.scratch,
-                                   block=(bx, by), vec=vec,
-                                   gram_r=gr, gram_c=gc, colacc=ca, aligned=al, stats=True, update=False,
-                                   scale=(F, fb["fseg"]), idx64=fb["idx64"])
-            if fb["gram"] is not None:  # Gram blocks too large for one tile: from the stored values
-                K.launch_gram(b.param, fb["gram"], cl.scratch)
+            statistics_pass(b, fb["tables"], cl.scratch, fb["gram"], mom=None if lazy else b.mom,
+                            scale=(F, fb["fseg"]), idx64=fb["idx64"])
         return fold["stats"].values(vals=cl.finish())
 
 

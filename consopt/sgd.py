@@ -858,9 +858,7 @@ class SGD(torch.optim.SGD):
         that `self.state[p]["momentum_buffer"]` holds the transported buffers. Cheap when nothing
         is owed."""
         for f in self._flat or ():
-            for b in f.buffers:
-                if b.transport is not None:
-                    b.transport.flush(b.mom)
+            f.sync_momentum()
 
     # -- checkpointing ---------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -238,6 +238,11 @@ def output(m, x, softmax=False):
     return o.softmax(-1) if softmax else o
 
 
+def _bits(t):
+    """t's bytes: bitwise comparisons (of a flat buffer: the padding between segments included)."""
+    return t.detach().reshape(-1).view(torch.uint8)
+
+
 def rel_dev(laws, params, h0):
     vals, sc = laws.evaluate(params), laws.scale(params)
     return max(float(((vals[k] - h0[k]).abs() / sc[k].clamp_min(1e-300)).max()) for k in vals)
@@ -585,9 +590,8 @@ def test_folded_apply_equals_apply_then_measure(name, dtype, monkeypatch):
     if name in ("mlp", "cnn-bn"):  # colours of diagonal families only
         assert nf >= 1 and passes1 < passes2
     assert (s1.rounds, s1.max_residual, s1.skipped) == (s2.rounds, s2.max_residual, s2.skipped)
-    bits = lambda t: t.view(torch.uint8)  # noqa: E731 (bitwise, padding between segments included)
     for (p1, m1), (p2, m2) in zip(b1, b2):
-        assert torch.equal(bits(p1), bits(p2)) and torch.equal(bits(m1), bits(m2))
+        assert torch.equal(_bits(p1), _bits(p2)) and torch.equal(_bits(m1), _bits(m2))
     for k in v1:
         assert torch.equal(v1[k], v2[k])
     assert rel_dev(laws, dict(m.named_parameters()), h0) <= (DEV_TOL if dtype == torch.float64 else 1e-6)
@@ -642,9 +646,8 @@ def test_remeasure_after_the_translation_colour_equals_a_full_measurement(dtype,
             assert len(full) == stats.rounds
     (s1, v1, b1), (s2, v2, b2) = results
     assert (s1.rounds, s1.max_residual, s1.skipped) == (s2.rounds, s2.max_residual, s2.skipped)
-    bits = lambda t: t.view(torch.uint8)  # noqa: E731 (bitwise, the padding between segments included)
     for (p1, m1), (p2, m2) in zip(b1, b2):
-        assert torch.equal(bits(p1), bits(p2)) and torch.equal(bits(m1), bits(m2))
+        assert torch.equal(_bits(p1), _bits(p2)) and torch.equal(_bits(m1), _bits(m2))
     assert all(torch.equal(v1[k], v2[k]) for k in v1)
     assert rel_dev(laws, dict(m.named_parameters()), h0) <= (DEV_TOL if dtype == torch.float64 else 1e-6)
 
@@ -886,10 +889,6 @@ def _step(model, o, x, y, loss_fn):
     o.zero_grad()
     loss_fn(model(x), y).backward()
     o.step()
-
-
-def _bits(t):
-    return t.detach().reshape(-1).view(torch.uint8)
 
 
 @pytest.mark.parametrize("name,dtype", [("mlp", torch.float64), ("cnn-bn", torch.float64), ("mlp", torch.float32),

@@ -137,6 +137,17 @@ def _round_store(x, PTR, BF16: tl.constexpr, F64: tl.constexpr):
 
 
 @triton.jit
+def _seg_factors(FAC, e, mask, f_oa, f_sa, f_pa, f_da, f_ob, f_sb, f_pb, f_db, IDX64: tl.constexpr):
+    """The diagonal action's two factors of segment-local elements e (an FSEG row's axes):
+    F[oA + sA·((e // postA) % dimA)] and F[oB + sB·((e // postB) % dimB)], 1 where masked."""
+    if not IDX64:
+        e = e.to(tl.int32)
+    fa = tl.load(FAC + f_oa + f_sa * ((e // f_pa) % f_da), mask=mask, other=1.0)
+    fb = tl.load(FAC + f_ob + f_sb * ((e // f_pb) % f_db), mask=mask, other=1.0)
+    return fa, fb
+
+
+@triton.jit
 def _scalar(hi, mid, lo, F64: tl.constexpr):
     """A host scalar passed as three fp32 parts: fp32 compute uses hi = fp32(x) (what torch
     uses for fp32 tensors); fp64 compute rebuilds x exactly as (hi + mid) + lo."""
@@ -276,11 +287,7 @@ def sgd_stats_kernel(
                 # the projection's diagonal action, applied before the statistics are formed:
                 # x · F[oA + sA·iA(e)] · F[oB + sB·iB(e)] in float64, rounded once to the element
                 # type (through fp32 for fp16/bf16), as triton_kernels.project does
-                e = off - base
-                if not IDX64:
-                    e = e.to(tl.int32)
-                fa = tl.load(FAC + f_oa + f_sa * ((e // f_pa) % f_da), mask=mask, other=1.0)
-                fb = tl.load(FAC + f_ob + f_sb * ((e // f_pb) % f_db), mask=mask, other=1.0)
+                fa, fb = _seg_factors(FAC, off - base, mask, f_oa, f_sa, f_pa, f_da, f_ob, f_sb, f_pb, f_db, IDX64)
                 smask = _band(mask, f_on)
                 pst, ps = _round_store(_ct(p.to(tl.float64) * fa * fb, F64), P, BF16, F64)
                 tl.store(P + off, pst, mask=smask)
@@ -307,11 +314,8 @@ def sgd_stats_kernel(
                         # every element with a buffer, whether or not this step updates it
                         hm = _band(mask, hb)
                         mbuf = _load_vals(M + off, hm, BF16, F64)
-                        e = off - base
-                        if not IDX64:
-                            e = e.to(tl.int32)
-                        fa = tl.load(FAC + f_oa + f_sa * ((e // f_pa) % f_da), mask=hm, other=1.0)
-                        fb = tl.load(FAC + f_ob + f_sb * ((e // f_pb) % f_db), mask=hm, other=1.0)
+                        fa, fb = _seg_factors(FAC, off - base, hm, f_oa, f_sa, f_pa, f_da, f_ob, f_sb, f_pb, f_db,
+                                              IDX64)
                         zst, zv = _round_store(_ct(mbuf.to(tl.float64) * fa * fb, F64), M, BF16, F64)
                         mbuf = tl.where(f_on, zv, mbuf)
                         # elements this step leaves alone (no grad, a skipped GradScaler step) keep it
