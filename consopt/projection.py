@@ -293,51 +293,101 @@ def _joint_rescale(p, c, h0, couplings, tol: float = 1e-14, newton: int = 30):
     return a, ok & torch.isfinite(a)
 
 
-def _lyap_basis(S):
-    """S's eigenbasis U and the tables of the Lyapunov operator's inverse in it: 1/(λ_i + λ_j)
-    (0 on dropped directions, λ_i + λ_j ≈ 0), the kept directions as 0/1, the dropped mask."""
-    lam, U = torch.linalg.eigh(S)
-    denom = lam[..., :, None] + lam[..., None, :]
-    tiny = denom.abs() <= 1e-12 * lam.abs().amax(-1).clamp_min(1e-300)[..., None, None]
-    keep = (~tiny).to(S.dtype)
-    return U, keep / torch.where(tiny, torch.ones_like(denom), denom), keep, tiny
+def _eigh(S):
+    """torch.linalg.eigh, on the host for CUDA batches of r > 32: torch's CUDA dispatch (2.10)
+    loops cuSOLVER's syevd over the batch above r = 32 (about 2 ms per 64 × 64 matrix: GPT-2's
+    288 heads would take ~0.5 s), where LAPACK on the host takes ~0.3 ms per matrix on one core."""
+    if S.is_cuda and S.shape[-1] > 32 and S.shape[0] > 1:
+        lam, U = torch.linalg.eigh(S.cpu())
+        return lam.to(S.device), U.to(S.device)
+    return torch.linalg.eigh(S)
 
 
-def _lyap_in_basis(basis, R):
-    """X with X S + S X = R in S's basis (`_lyap_basis`), and R rotated into it, dropped directions zeroed."""
-    U, inv, keep, _ = basis
-    Rt = U.mT @ R @ U
-    return U @ (Rt * inv) @ U.mT, Rt * keep
+class _LyapBasis:
+    """The eigenbasis U of a batch S [n, r, r] and the Lyapunov operator's inverse in it: X S + S X
+    = R is Y ∘ (λ_i + λ_j) = UᵀRU for Y = UᵀXU. `inv` = 1/(λ_i + λ_j), 0 on dropped directions
+    (λ_i + λ_j ≈ 0, `tiny`; `dropped`: whether any, known on the host). `iters`: the conjugate
+    gradient iterations the last solve from this basis took (where the next one first checks)."""
+
+    def __init__(self, S):
+        lam, self.U = _eigh(S)
+        denom = lam[..., :, None] + lam[..., None, :]
+        self.tiny = denom.abs() <= 1e-12 * lam.abs().amax(-1).clamp_min(1e-300)[..., None, None]
+        self.inv = torch.where(self.tiny, torch.zeros_like(denom), 1 / torch.where(self.tiny, torch.ones_like(denom), denom))
+        self.dropped = bool(self.tiny.any())
+        self.iters = 0
+
+    @classmethod
+    def restore(cls, U, inv, tiny, iters: int) -> "_LyapBasis":
+        """A basis saved by `_ColouredProjector.state`."""
+        b = cls.__new__(cls)
+        b.U, b.inv, b.tiny, b.iters = U, inv, tiny, int(iters)
+        b.dropped = bool(tiny.any())
+        return b
+
+    def into(self, M):
+        """UᵀMU, symmetrised."""
+        M = torch.bmm(torch.bmm(self.U.mT, M), self.U)
+        return (M + M.mT) / 2
+
+    def out(self, Y):
+        """UYUᵀ."""
+        return torch.bmm(torch.bmm(self.U, Y), self.U.mT)
+
+
+_PCG_MAX = 8  # conjugate gradient iterations from a cached basis before S is decomposed afresh
+_PCG_REFRESH = 4  # a solve that took more: the next one decomposes (the basis follows S)
 
 
 def _lyapunov(S, R, cache: dict | None = None, key=None, inexact: float = _LYAP_INEXACT):
     """Solve X S + S X = R for symmetric X (S symmetric PSD; a batch [..., r, r] solves each).
     Directions with λ_i + λ_j ≈ 0 are dropped. Returns (X, the dropped directions' mask).
 
-    With `cache`, the eigenbasis of an earlier S (same key) preconditions a refinement
-    X ← X + L₀⁻¹(R − XS − SX) (L₀: the Lyapunov operator of the cached S, solved exactly in its
-    basis); it contracts by about ‖S − S₀‖·cond(S) / ‖S‖ per iteration, so a few iterations replace
-    one `eigh` while S moves slowly (rounds of one call, and steps). Accepted at a relative residual
-    ≤ `inexact` (an inexact Newton step: the next round's residual absorbs it), else S is
-    decomposed again; after two corrections the next solve decomposes (the basis follows S)."""
+    With `cache`, the eigenbasis of an earlier S₀ (same key) preconditions conjugate gradients on
+    the Lyapunov operator L(X) = X S + S X, symmetric positive definite on symmetric X for S ≻ 0,
+    in that basis: L₀⁻¹ is elementwise there, and one iteration costs one r × r product. While S
+    is within ~10 % of S₀ they gain about 10× per iteration (attention heads over 20 training
+    steps; the plain refinement X ← X + L₀⁻¹(R − L(X)) stalls there). Accepted at a relative
+    residual ≤ `inexact` (an inexact Newton step: the next round's residual absorbs it), first
+    checked after as many iterations as the last solve took (one host sync per solve as a rule).
+    After `_PCG_MAX` iterations S is decomposed again; after more than `_PCG_REFRESH` the next
+    solve decomposes. `eigh` (slow on CUDA, `_eigh`) so runs once in many steps."""
+    shape, r = S.shape, S.shape[-1]
+    S, R = S.reshape(-1, r, r), R.reshape(-1, r, r)
     hit = cache.get(key) if cache is not None else None
-    if hit is not None and hit[0].shape == S.shape and not bool(hit[3].any()):
+    if hit is not None and hit.U.shape == S.shape and not hit.dropped:
         # (a basis with dropped directions cannot tell whether S has gained them back: decompose)
-        X, Rt = _lyap_in_basis(hit, R)
-        r0 = Rt.flatten(-2).norm(dim=-1).clamp_min(1e-300)
-        for it in range(4):
-            X = (X + X.mT) / 2
-            XS = X @ S
-            dX, Et = _lyap_in_basis(hit, R - (XS + XS.mT))  # S X = (X S)ᵀ for symmetric X, S
-            if float((Et.flatten(-2).norm(dim=-1) / r0).max()) <= inexact:
-                if it >= 2:  # S has moved away from the basis: decompose at the next solve
-                    del cache[key]
-                return X, hit[3]
-            X = X + dX
-    basis = _lyap_basis(S)
+        St, res = hit.into(S), hit.into(R)
+        r0 = res.flatten(1).norm(dim=1).clamp_min(1e-300)
+        Y = res * hit.inv  # exact for S = S₀
+        LY = torch.bmm(Y, St)
+        res = res - (LY + LY.mT)
+        z = res * hit.inv
+        p, rz = z, (res * z).sum((1, 2), keepdim=True)
+        check = hit.iters
+        for it in range(_PCG_MAX + 1):
+            if it == check:
+                if float((res.flatten(1).norm(dim=1) / r0).max()) <= inexact:
+                    hit.iters = it
+                    if it > _PCG_REFRESH:
+                        del cache[key]
+                    return hit.out(Y).reshape(shape), hit.tiny.reshape(shape)
+                check += 1
+            if it == _PCG_MAX:
+                break
+            Lp = torch.bmm(p, St)
+            Lp = Lp + Lp.mT
+            alpha = rz / (p * Lp).sum((1, 2), keepdim=True).clamp_min(1e-300)
+            Y = Y + alpha * p
+            res = res - alpha * Lp
+            z = res * hit.inv
+            rz_next = (res * z).sum((1, 2), keepdim=True)
+            p = z + (rz_next / rz.clamp_min(1e-300)) * p
+            rz = rz_next
+    basis = _LyapBasis(S)
     if cache is not None:
         cache[key] = basis
-    return _lyap_in_basis(basis, R)[0], basis[3]
+    return basis.out(basis.into(R) * basis.inv).reshape(shape), basis.tiny.reshape(shape)
 
 
 def _matrix_step(s: _Slices, h0, euclid: bool):
@@ -431,9 +481,10 @@ def project(laws: LawSet, params: dict, h0: dict, mode: str = "symmetry", buffer
     eps = max(torch.finfo(params[n].dtype).eps for n in laws.param_names) if laws.param_names else 0.0
     tol = max(tol, 2 * eps) if eps > torch.finfo(torch.float64).eps else tol
     with torch.no_grad():
-        scales = {f.name: f.value(params, absolute=True).clamp_min(1e-300) for f in laws.families}
+        scales = {f.name: f.value(params, absolute=True) for f in laws.families}
     if euclid:
         return _euclidean(laws, params, h0, scales, tol, max_rounds)
+    scales = {k: v.clamp_min(1e-300) for k, v in scales.items()}
     history = []
     with torch.no_grad():
         for rnd in range(max_rounds):
@@ -462,13 +513,13 @@ def project(laws: LawSet, params: dict, h0: dict, mode: str = "symmetry", buffer
     return stats
 
 
-def _jjt_diagonal(laws: LawSet, scales: dict, device) -> torch.Tensor:
+def _jjt_diagonal(fams, shapes: dict, scales: dict, device) -> torch.Tensor:
     """The diagonal of J Jᵀ (J: the Jacobian of every law function), ‖∇h_i‖², from the absolute
     scales (`Family.value(absolute=True)`), exact where a family's slices share no entry:
     a diagonal law 4 Σ|terms|; matrix entry (i, j) A_ii + A_jj, on the diagonal 4 A_ii
     (A = Σ_t |M_t||M_t|ᵀ); a linear law the number of entries it sums."""
     out = []
-    for f in laws.families:
+    for f in fams:
         sc = scales[f.name].to(device)
         if f.order == 2 and f.form == "matrix":
             a = torch.diagonal(sc)
@@ -476,10 +527,10 @@ def _jjt_diagonal(laws: LawSet, scales: dict, device) -> torch.Tensor:
         elif f.order == 2:
             dg = 4 * sc
         elif f.form == "vector":
-            dg = torch.cat([torch.full((t.width(laws.param_shapes[t.param]),), float(t.units), dtype=torch.float64,
+            dg = torch.cat([torch.full((t.width(shapes[t.param]),), float(t.units), dtype=torch.float64,
                                        device=device) for t in f.terms])
         else:
-            dg = torch.full_like(sc.reshape(-1), float(sum(t.width(laws.param_shapes[t.param]) for t in f.terms)))
+            dg = torch.full_like(sc.reshape(-1), float(sum(t.width(shapes[t.param]) for t in f.terms)))
         out.append(dg.reshape(-1))
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64, device=device)
 
@@ -561,22 +612,46 @@ def _euclidean(laws: LawSet, params: dict, h0: dict, scales: dict, tol: float, m
 
     names = laws.param_names
     theta_t = {n: params[n].detach().to(torch.float64).clone() for n in names}
-    fams = laws.families
-    target = torch.cat([h0[f.name].to(torch.float64).reshape(-1).to(theta_t[names[0]].device) for f in fams])
-    scale = torch.cat([scales[f.name].reshape(-1).to(target.device) for f in fams])
+    stats = ProjectionStats()
+    dev = theta_t[names[0]].device if names else torch.device("cpu")
+    # what no nearby point reaches is skipped and counted, as the symmetry mode skips it: diagonal
+    # units that `_rescale` skips (dead, non-finite, or one side empty with h₀ beyond it: h = −c < 0
+    # < h₀ only reaches 0 along the gradient); matrix and linear families with a non-finite entry
+    # or a function whose gradient vanishes (a dead row), whole, as `_matrix_step` does. The rest
+    # is projected with those rows left out of the system.
+    fams, keep, jjt = [], [], []
+    for f in laws.families:
+        g2 = _jjt_diagonal([f], laws.param_shapes, scales, dev)
+        if f.order == 2 and f.form == "diag":
+            pos, neg = _Slices(f, params, None).sums()
+            p, c = _gram(pos, False), _gram(neg, False)
+            p, c = (p if p is not None else torch.zeros_like(c)), (c if c is not None else torch.zeros_like(p))
+            live = _rescale(p, c, h0[f.name].to(p))[1].to(dev) & (g2 > 0)
+            stats.skipped += int((~live).sum())
+        elif bool((torch.isfinite(g2) & (g2 > 0)).all()):
+            live = torch.ones_like(g2, dtype=torch.bool)
+        else:
+            stats.skipped += 1
+            continue
+        fams.append(f)
+        keep.append(live)
+        jjt.append(g2)
+    if not fams:
+        return stats
+    keep, jjt = torch.cat(keep), torch.cat(jjt)
+    target = torch.cat([h0[f.name].to(torch.float64).reshape(-1).to(dev) for f in fams])
+    scale = torch.cat([scales[f.name].reshape(-1).to(dev) for f in fams]).clamp_min(1e-300)
     quad = torch.cat([torch.full((scales[f.name].numel(),), f.order == 2, dtype=torch.bool) for f in fams]).to(
-        target.device)  # order-1 laws are finished exactly below
+        dev) & keep  # order-1 laws are finished exactly below
+    fin = {n: torch.isfinite(v) for n, v in theta_t.items()}
+    zero = torch.zeros((), dtype=torch.float64, device=dev)
 
     def h_of(th):
         return torch.cat([f.value(th).reshape(-1) for f in fams])
 
-    pre = 1 / _jjt_diagonal(laws, scales, target.device).clamp_min(1e-300)  # Jacobi preconditioner
-
-    def dot(a, b):
-        return sum((a[n] * b[n]).sum() for n in a)
+    pre = torch.where(keep, 1 / jjt.clamp_min(1e-300), torch.zeros_like(jjt))  # Jacobi preconditioner
 
     theta = {n: v.clone() for n, v in theta_t.items()}
-    stats = ProjectionStats()
     closed = _LawJacobian.supported(fams)
     for it in range(min(max_iter, 30)):
         if closed:  # J and Jᵀ in closed form (autograd's jvp / vjp otherwise)
@@ -591,13 +666,19 @@ def _euclidean(laws: LawSet, params: dict, h0: dict, scales: dict, tol: float, m
         stats.max_residual = float(res.max()) if res.numel() else 0.0
         if stats.max_residual <= tol and it > 0:
             break
-        diff = {n: theta_t[n] - theta[n] for n in names}
-        rhs = target - hv - jv(diff)
+        # (torch.where, not a product with the mask: skipped rows of non-finite units hold NaN)
+        diff = {n: torch.where(fin[n], theta_t[n] - theta[n], zero) for n in names}
+        rhs = torch.where(keep, target - hv - jv(diff), zero)
         # preconditioned CG on J Jᵀ λ = rhs (PSD; consistent even where symmetric entries repeat)
         stop = 1e-30 + 1e-20 * float(rhs @ rhs)  # ‖r‖ ≤ 1e-10 ‖rhs‖: Gauss–Newton re-linearises anyway
-        lam = _pcg(lambda q: jv(vjp_fn(q)[0]), rhs, pre, lambda r: float(r @ r) <= stop, max(50, 4 * rhs.numel()))
+        lam = _pcg(lambda q: torch.where(keep, jv(vjp_fn(q)[0]), zero), rhs, pre, lambda r: float(r @ r) <= stop,
+                   max(50, 4 * rhs.numel()))
         (jt,) = vjp_fn(lam)
-        theta = {n: theta_t[n] + jt[n] for n in names}
+        theta = {n: theta_t[n] + torch.where(fin[n], jt[n], zero) for n in names}
+    if not all(bool((torch.isfinite(theta[n]) | ~fin[n]).all()) for n in names):
+        stats.converged = False  # (a failed solve: leave the parameters as they were, never NaN)
+        stats.max_residual = float("inf")
+        return stats
     with torch.no_grad():
         for n in names:
             params[n].copy_(theta[n].to(params[n].dtype))
@@ -610,7 +691,8 @@ def _euclidean(laws: LawSet, params: dict, h0: dict, scales: dict, tol: float, m
                 _translation(sl, h0[f.name].to(torch.float64).to(sl.m[0].device))
                 sl.store()
     hv = h_of({n: params[n].detach().to(torch.float64) for n in names})
-    stats.max_residual = float(((hv - target).abs() / scale).max()) if hv.numel() else 0.0
+    res = ((hv - target).abs() / scale)[keep]
+    stats.max_residual = float(res.max()) if res.numel() else 0.0
     stats.converged = stats.max_residual <= tol
     return stats
 
@@ -1317,6 +1399,46 @@ class _ColouredProjector:
         self._last = (scale, ok) if scale is not None else None
         return stats
 
+    # -- checkpoints -------------------------------------------------------------------------
+    def state(self) -> dict:
+        """What one call hands to the next, so that a resumed run projects bit for bit as the
+        original would (`consopt.SGD.state_dict`): the relaxation (ω, ρ) and the last call's rounds
+        (`_Relaxation`, `matrix_newton`), its scale and skip flags (the skip test), the cached
+        Lyapunov bases (`_lyapunov`). Tensors, ints and lists only (``weights_only=True``)."""
+        d = {"colours": [list(c) for c in self.colours], "fallback": list(self.fallback),
+             "prev_rounds": -1 if self._prev_rounds is None else int(self._prev_rounds)}
+        if self._carry is not None:
+            d["carry"] = torch.tensor(self._carry, dtype=torch.float64)
+        if self._last is not None:
+            d["scale"], d["ok"] = self._last[0].detach().clone(), self._last[1].clone()
+        d["bases"] = {f"{ci}:{r}": {"U": b.U.clone(), "inv": b.inv.clone(), "tiny": b.tiny.clone(), "iters": b.iters}
+                      for ci, plan in enumerate(self._plans) for r, b in plan.get("eig", {}).items()}
+        return d
+
+    def load_state(self, d) -> None:
+        """Continue from `state()` (an empty dict: start afresh). A state of other colours
+        (other laws, or a projector that acts with other code) is not applied: the next call
+        starts afresh, as a new projector would."""
+        self._carry = self._prev_rounds = self._last = None
+        for plan in self._plans:
+            plan.pop("eig", None)
+        if not d or d.get("colours") != self.colours or d.get("fallback") != self.fallback:
+            return
+        dev = self._dev
+        if "scale" in d:
+            scale, ok = d["scale"].to(device=dev, dtype=torch.float64), d["ok"].to(device=dev, dtype=torch.bool)
+            if scale.shape != (self._n_meas,) or ok.shape != (self._n_units,):
+                return
+            self._last = (scale, ok)
+        if "carry" in d:
+            self._carry = tuple(float(x) for x in d["carry"])
+        self._prev_rounds = None if int(d["prev_rounds"]) < 0 else int(d["prev_rounds"])
+        for key, b in d.get("bases", {}).items():
+            ci, r = (int(x) for x in key.split(":"))
+            if ci < len(self._plans) and r in self._plans[ci]["mat"]:
+                self._plans[ci].setdefault("eig", {})[r] = _LyapBasis.restore(
+                    b["U"].to(dev), b["inv"].to(dev), b["tiny"].to(dev), b["iters"])
+
     def _by_family(self, H: torch.Tensor) -> FamilyValues:
         """{family name: its values} from h in the measurement layout (views made when read)."""
         return FamilyValues(H, self._fam_where, self._fam_names)
@@ -1380,27 +1502,27 @@ class _ColouredProjector:
             C = v[m["C"]].view(n, r, r)
             h0m = H0[m["h0"]].view(n, r, r)
             eye = torch.eye(r, dtype=torch.float64, device=dev)
-            A_all, Ainv_all = eye.expand(n, r, r), eye.expand(n, r, r)
             good = torch.ones(n, dtype=torch.bool, device=dev)
             # the Grams move exactly with the action (P → A P Aᵀ, C → A⁻ᵀ C A⁻¹), so further Newton
             # steps need no measurement: up to `matrix_newton` of them, composed, then applied once
             # (one step leaves ~res², above float32's tolerance from a drift of 1e-3)
-            for it in range(self._newton if omega == 1.0 else 1):
-                R = h0m - (P - C)
-                R = (R + R.mT) / 2
-                S = P + C
-                X, tiny = _lyapunov((S + S.mT) / 2, R, plan.setdefault("eig", {}), r, self._lyap_tol)
+            steps = self._newton if omega == 1.0 else 1
+            Gr = None  # [A; A⁻ᵀ] of the steps so far, composed
+            for it in range(steps):
+                # (_lyapunov symmetrises S and R in its basis)
+                X, tiny = _lyapunov(P + C, h0m - (P - C), plan.setdefault("eig", {}), r, self._lyap_tol)
                 A = eye + (X if omega == 1.0 else omega * X)
                 inv = torch.linalg.inv_ex(A)
-                Ainv = inv.inverse.mT
                 # a singular or non-finite step is not taken (the family is skipped this round)
-                bad = (inv.info != 0) | ~torch.isfinite(A).flatten(1).all(1) | ~torch.isfinite(Ainv).flatten(1).all(1)
-                A = torch.where(bad[:, None, None], eye, A)
-                Ainv = torch.where(bad[:, None, None], eye, Ainv)
+                step = torch.cat([A, inv.inverse.mT])
+                bad = (inv.info != 0) | ~torch.isfinite(step.view(2, n, r * r)).all(2).all(0)
+                step = torch.where(bad.repeat(2)[:, None, None], eye, step)
                 good = good & ~tiny.flatten(1).any(1) & ~bad
-                A_all, Ainv_all = A @ A_all, Ainv @ Ainv_all
-                P, C = A @ P @ A.mT, Ainv @ C @ Ainv.mT
-            G[r] = torch.cat([A_all, Ainv_all])  # producers: A, consumers: A⁻ᵀ (bad steps: I)
+                Gr = step if Gr is None else torch.bmm(step, Gr)
+                if it + 1 < steps:
+                    PC = torch.bmm(torch.bmm(step, torch.cat([P, C])), step.mT)
+                    P, C = PC[:n], PC[n:]
+            G[r] = Gr  # producers: A, consumers: A⁻ᵀ (bad steps: I)
             ok[m["ok"]] = good
         D = None
         if plan["shift"] is not None:

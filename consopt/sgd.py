@@ -237,6 +237,7 @@ class SGD(torch.optim.SGD):
         self._step_stats = None  # the native step's statistics of the current parameters
         self._step_measured = None  # the fused step's measurement for the flat projector (`step_laws`)
         self._momentum_transport = "eager"  # (see momentum_transport)
+        self._projector_state = None  # a checkpoint's projector state, for the next projector (`_resume`)
         if laws is not None:
             self._tracker = _LawTracker(laws, self._bind(laws))
             from .native import available as native_available
@@ -287,6 +288,7 @@ class SGD(torch.optim.SGD):
                   "_momentum_transport"):
             state[k] = getattr(self, k, None)
         state["_use_fused"] = None  # flat storage is rebuilt on the next step
+        state["_projector_state"] = self._projector_carry()  # (the projectors are rebuilt too)
         return state
 
     def __setstate__(self, state):
@@ -305,6 +307,7 @@ class SGD(torch.optim.SGD):
         d["_fused_ok"] = False
         d["_projector"] = None
         d["_tensor_projector"] = None
+        d.setdefault("_projector_state", None)
         d["_step_stats"] = None
         d["_step_measured"] = None
         d["_cpu_update"] = None
@@ -391,6 +394,7 @@ class SGD(torch.optim.SGD):
             proj = self._tensor_projector
             if proj is None or proj.backend != backend:
                 proj = self._tensor_projector = TensorProjector(self.laws, tensors, backend=backend)
+            self._resume(proj)
             stats, self._step_stats = self._step_stats, None
             self.projection_stats = proj(self._tracker.h0, buffers=buffers, values=values,
                                          stats=stats if values is not None else None)
@@ -413,6 +417,7 @@ class SGD(torch.optim.SGD):
                 self._projector = FlatProjector(self.laws, self._tracker.evaluator.tensors, self._flat,
                                                 lazy_momentum=self._momentum_transport == "lazy")
                 snapshot = self._snapshot_flat(grads=False)  # first use: kernels compile now
+            self._resume(self._projector)
             measured, self._step_measured = self._step_measured, None
             self.projection_stats = self._projector(self._tracker.h0, values=values, measured=measured)
         except Exception as e:  # noqa: BLE001 - only on the first projected step, see above
@@ -865,14 +870,31 @@ class SGD(torch.optim.SGD):
         """torch.optim.SGD's state dict, plus tracking state under the extra key "consopt".
 
         ``state_dict()["consopt"]`` = {"version", "families", "started", "steps", "h0", "h",
-        "scale0"} (float64 tensors per family); loadable with ``torch.load(weights_only=True)``.
+        "scale0"} (float64 tensors per family), and with a symmetry projection "projector" (what
+        carries from one projected step to the next: `_ColouredProjector.state`, so that a resumed
+        run continues bit for bit); loadable with ``torch.load(weights_only=True)``.
         torch.optim.SGD ignores the extra key.
         """
         self.sync_momentum()
         sd = super().state_dict()
         if self._tracker is not None:
             sd[_STATE_KEY] = self._tracker.state_dict()
+            carry = self._projector_carry()
+            if carry:
+                sd[_STATE_KEY]["projector"] = carry
         return sd
+
+    def _projector_carry(self) -> dict | None:
+        """The symmetry projector's state that carries from step to step (`state()`), or the one a
+        checkpoint gave that no projector has taken yet."""
+        proj = self._projector or self._tensor_projector
+        return proj.state() if proj else self._projector_state
+
+    def _resume(self, proj) -> None:
+        """Hand a loaded checkpoint's projector state to the projector about to run."""
+        if self._projector_state is not None:
+            proj.load_state(self._projector_state)
+            self._projector_state = None
 
     def load_state_dict(self, state_dict) -> None:
         """torch.optim.SGD's load_state_dict; also restores tracking state if present.
@@ -880,9 +902,15 @@ class SGD(torch.optim.SGD):
         A state dict without tracking state (e.g. from torch.optim.SGD) restarts tracking at the
         next step. Tracking state is validated before anything is loaded.
         """
-        prepared = None
+        prepared, proj_state = None, {}  # (no projector state in it: the next projection starts afresh)
         if self._tracker is not None and isinstance(state_dict, Mapping):
-            prepared = self._tracker.prepare(state_dict.get(_STATE_KEY))
+            saved = state_dict.get(_STATE_KEY)
+            prepared = self._tracker.prepare(saved)
+            proj_state = saved.get("projector") if saved is not None else None
+            if proj_state is not None and not isinstance(proj_state, Mapping):
+                raise ValueError(f"malformed consopt projector state in the optimizer state dict: "
+                                 f"{type(proj_state).__name__}")
         super().load_state_dict(state_dict)
         if self._tracker is not None:
             self._tracker.load(prepared)
+            self._projector_state = dict(proj_state or {})

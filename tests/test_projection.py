@@ -152,10 +152,11 @@ def test_momentum_is_transported_by_the_symmetry_action():
     assert float((a - 1).abs().max()) > 1e-8
 
 
-def dead_unit_mlp():
-    """The MLP with hidden unit 3 of its first layer dead (all-zero slices) at θ_0 and after a
-    random perturbation of everything else: (model, laws, h0, check), where check(model) asserts
-    every parameter finite and every other unit of that family back on h0."""
+def dead_unit_mlp(dead_at_start: bool = True):
+    """The MLP with hidden unit 3 of its first layer dead (all-zero slices) after a random
+    perturbation of everything else, and at θ_0 too (h₀ = 0 there) or not (pruned mid-run:
+    h₀ ≠ 0, which no point near the dead unit reaches): (model, laws, h0, check), where
+    check(model) asserts every parameter finite and every other unit of that family back on h0."""
     m, x, y, loss_fn, laws, _ = setup("mlp")
 
     def kill():
@@ -164,13 +165,15 @@ def dead_unit_mlp():
             m[0].bias[3] = 0
             m[2].weight[:, 3] = 0
 
-    kill()
+    if dead_at_start:
+        kill()
     h0 = laws.evaluate(m)
     with torch.no_grad():
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 1e-3)
     kill()
     fam = [f for f in laws if f.modules[0] == "0"][0].name
+    assert dead_at_start or float(h0[fam][3].abs()) > 1e-3
     others = [j for j in range(7) if j != 3]
 
     def check(model):
@@ -181,11 +184,74 @@ def dead_unit_mlp():
     return m, laws, h0, check
 
 
-def test_dead_unit_is_skipped_and_counted():
-    m, laws, h0, check = dead_unit_mlp()
-    stats = project(laws, dict(m.named_parameters()), h0, "symmetry")
-    assert stats.skipped >= 1
+@pytest.mark.parametrize("mode", ["symmetry", "euclidean"])
+@pytest.mark.parametrize("dead_at_start", [True, False])
+def test_dead_unit_is_skipped_and_counted(mode, dead_at_start):
+    m, laws, h0, check = dead_unit_mlp(dead_at_start)
+    stats = project(laws, dict(m.named_parameters()), h0, mode)
+    assert stats.skipped == 1 and stats.converged
     check(m)
+
+
+@pytest.mark.parametrize("mode", ["symmetry", "euclidean"])
+def test_unit_with_an_empty_side_and_h0_beyond_it_is_skipped(mode):
+    """Producer side of unit 3 zeroed, its consumer kept, h₀ > 0: h = −c ≤ 0 moves towards 0 at best."""
+    m, x, y, loss_fn, laws, _ = setup("mlp")
+    fam = [f for f in laws if f.modules[0] == "0"][0].name
+    with torch.no_grad():
+        m[0].weight[3].mul_(10)  # h₀ > 0 for unit 3
+        h0 = laws.evaluate(m)
+        assert float(h0[fam][3]) > 0
+        m[0].weight[3] = 0
+        m[0].bias[3] = 0
+        m[2].weight.add_(torch.randn_like(m[2].weight) * 1e-3)
+    stats = project(laws, dict(m.named_parameters()), h0, mode)
+    assert stats.skipped == 1 and stats.converged
+    assert all(torch.isfinite(p).all() for p in m.parameters())
+    others = [j for j in range(7) if j != 3]
+    torch.testing.assert_close(laws.evaluate(m)[fam][others], h0[fam][others], rtol=0,
+                               atol=1e-10 * float(laws.scale(m)[fam].max()))
+
+
+@pytest.mark.parametrize("mode", ["symmetry", "euclidean"])
+def test_matrix_family_with_a_dead_row_is_skipped_whole(mode):
+    torch.manual_seed(3)
+    m = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)).double()
+    laws = consopt.find_laws(m, (torch.randn(2, 4, dtype=torch.float64),))
+    (fam,) = [f.name for f in laws if f.form == "matrix"]
+    h0 = laws.evaluate(m)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 1e-3)
+        m[0].weight[1] = 0  # row 1 of the producer and column 1 of the consumer: P₁₁ = C₁₁ = 0 ≠ h₀₁₁
+        m[0].bias[1] = 0
+        m[1].weight[:, 1] = 0
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    stats = project(laws, dict(m.named_parameters()), h0, mode)
+    assert stats.skipped == 1 and stats.converged
+    assert all(torch.isfinite(p).all() for p in m.parameters())
+    if mode == "euclidean":  # no family left to act with: nothing moves (the symmetry mode takes
+        # its Newton step on the directions `_lyapunov` keeps, once)
+        for n, p in m.named_parameters():
+            torch.testing.assert_close(p.detach(), before[n], rtol=0, atol=0, msg=n)
+
+
+@pytest.mark.parametrize("mode", ["symmetry", "euclidean"])
+def test_non_finite_entry_is_skipped_and_stays_where_it_is(mode):
+    m, x, y, loss_fn, laws, _ = setup("mlp")
+    h0 = laws.evaluate(m)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 1e-3)
+        m[0].weight[2, 1] = float("inf")
+    stats = project(laws, dict(m.named_parameters()), h0, mode)
+    assert stats.skipped == 1
+    assert float(m[0].weight.detach()[2, 1]) == float("inf")
+    assert not any(torch.isnan(p).any() for p in m.parameters())
+    fam = [f for f in laws if f.modules[0] == "0"][0].name
+    others = [j for j in range(7) if j != 2]
+    torch.testing.assert_close(laws.evaluate(m)[fam][others], h0[fam][others], rtol=0,
+                               atol=1e-10 * float(laws.scale(m)[fam][others].max()))
 
 
 def test_translation_projection_is_a_shift():

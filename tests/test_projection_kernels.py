@@ -1052,3 +1052,30 @@ def test_lazy_transport_with_a_forced_first_step_keeps_untouched_buffers():
     ol.sync_momentum()
     for p, q in zip(me.parameters(), ml.parameters()):
         assert torch.equal(p, q) and torch.equal(oe.state[p]["momentum_buffer"], ol.state[q]["momentum_buffer"])
+
+
+def test_flat_projection_resumes_bitwise_from_a_checkpoint(tmp_path):
+    # the relaxation, the cached Lyapunov bases and the skip flags one projected step hands to the
+    # next travel in state_dict()["consopt"]["projector"]: a resumed run projects as the original
+    m, x, y, loss_fn, laws = setup("attention")
+    m = m.float()
+    lw = LawSet(laws.families, laws.param_shapes, params=dict(m.named_parameters()))
+    o = fused_sgd(m, lw, lr=0.05, momentum=0.9, projection="symmetry")
+    sgd_steps(m, o, x, y, loss_fn, 3)
+    assert o._projector and o.projection_stats.converged
+    torch.save({"model": m.state_dict(), "optim": o.state_dict()}, tmp_path / "ckpt.pt")
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert set(ckpt["optim"]["consopt"]["projector"]["bases"])  # attention heads: matrix families
+    m2 = copy.deepcopy(m)
+    m2.load_state_dict(ckpt["model"])
+    o2 = fused_sgd(m2, LawSet(laws.families, laws.param_shapes, params=dict(m2.named_parameters())),
+                   lr=0.05, momentum=0.9, projection="symmetry")
+    o2.load_state_dict(ckpt["optim"])
+    for _ in range(2):
+        for model, opt in ((m, o), (m2, o2)):
+            _step(model, opt, x, y, loss_fn)
+        assert o.projection_stats == o2.projection_stats
+        for p, q in zip(m.parameters(), m2.parameters()):
+            assert torch.equal(_bits(p), _bits(q))
+        for k, v in o.deviation().items():
+            assert torch.equal(_bits(v), _bits(o2.deviation()[k]))

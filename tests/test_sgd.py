@@ -780,12 +780,14 @@ def test_state_dict_interchangeable_with_torch():
     assert _max_scaled_err(o_c2.deviation(), ref, mlp_laws(m_c2).scale(m_c2)) <= TOL[torch.float32].deviation
 
 
-@pytest.mark.parametrize("name", ["mlp", "llama"])
-def test_resume_continues_deviations_bitwise(name):
+@pytest.mark.parametrize("name,projection", [("mlp", None), ("llama", None), ("llama", "symmetry")])
+def test_resume_continues_deviations_bitwise(name, projection):
+    # with the symmetry projection, what one projected step hands to the next (the relaxation
+    # factor, the cached Lyapunov bases, the skip flags) travels in the checkpoint too
     seed = _seed_of("resume", name)
     model0, _ = build(name, seed=seed)
     batches = _batches(model0, 14, seed)
-    kw = dict(lr=0.03, momentum=0.9, weight_decay=1e-2, nesterov=True)
+    kw = dict(lr=0.03, momentum=0.9, weight_decay=1e-2, nesterov=True, projection=projection)
 
     def fresh():
         model, laws = build(name, seed=seed)
@@ -819,6 +821,11 @@ def test_resume_continues_deviations_bitwise(name):
     for da, dc in zip(devs_a, devs_c):
         assert list(da) == list(dc) and all(_bits_equal(da[k], dc[k]) for k in da)
     assert o_c.deviation_stats() == o_a.deviation_stats()
+    for a, c in zip(m_a.parameters(), m_c.parameters()):
+        assert _bits_equal(a, c)
+    if projection:
+        assert "projector" in ckpt["optim"]["consopt"]
+        assert o_a.projection_stats.converged
 
 
 def test_load_state_dict_with_other_laws_is_rejected_before_loading():

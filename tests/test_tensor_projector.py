@@ -179,7 +179,7 @@ def test_sgd_symmetry_projection_uses_it_and_reports_the_projected_values():
     assert state._tensor_projector is None
 
 
-def test_lyapunov_cache_refines_from_a_nearby_basis_and_redecomposes_far_ones(monkeypatch):
+def test_lyapunov_cache_preconditions_nearby_solves_and_redecomposes_far_ones(monkeypatch):
     g = torch.Generator().manual_seed(3)
     B = torch.randn(5, 7, 11, generator=g, dtype=torch.float64)
     S = B @ B.mT
@@ -203,10 +203,19 @@ def test_lyapunov_cache_refines_from_a_nearby_basis_and_redecomposes_far_ones(mo
     X2, _ = _lyapunov(S2, R, cache, 7)
     assert len(calls) == 1
     check(S2, X2, 3e-3)
+    # conjugate gradients from that basis reach a tight tolerance too, without decomposing ...
+    X2, _ = _lyapunov(S2, R, cache, 7, inexact=1e-9)
+    assert len(calls) == 1
+    check(S2, X2, 1e-8)
+    # ... but that took more than _PCG_REFRESH iterations: the next solve decomposes S2
+    assert 7 not in cache
+    X2, _ = _lyapunov(S2, R, cache, 7)
+    assert len(calls) == 2
+    check(S2, X2, 1e-12)
     B3 = torch.randn(5, 7, 11, generator=g, dtype=torch.float64)
     S3 = B3 @ B3.mT  # unrelated: decomposed again, exact
     X3, _ = _lyapunov(S3, R, cache, 7)
-    assert len(calls) == 2
+    assert len(calls) == 3
     check(S3, X3, 1e-12)
 
 
@@ -673,7 +682,7 @@ def test_the_euclidean_preconditioner_is_the_diagonal_of_j_jt(name):
         for i in range(h.numel()):
             g = torch.autograd.grad(h[i], list(params.values()), retain_graph=True, allow_unused=True)
             want.append(sum(float((gi ** 2).sum()) for gi in g if gi is not None))
-    got = _jjt_diagonal(laws, scales, torch.device("cpu"))
+    got = _jjt_diagonal(laws.families, laws.param_shapes, scales, torch.device("cpu"))
     torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=1e-12)
 
 
