@@ -28,6 +28,20 @@ timeout 200 "$PY" -m pytest tests/test_kernels.py tests/test_fused.py tests/test
 test_rc=${PIPESTATUS[0]}
 echo "tests: exit $test_rc in $(( $(date +%s) - t0 )) s"
 
+# the Lyapunov solves' eigendecompositions: torch's CUDA eigh against consopt.projection._eigh
+# (the host's LAPACK for batches of r > 32) on GPT-2's 288 heads of 64 (float64)
+timeout 60 "$PY" - <<'PYEOF' 2>&1 | tee "$OUT/eigh_gpu.txt"
+import time, torch
+from consopt.projection import _eigh
+for n, r in ((288, 64), (288, 32)):
+    W = torch.randn(n, r, 3 * r, dtype=torch.float64, device="cuda")
+    S = W @ W.mT
+    for name, fn in (("torch.linalg.eigh (cuda)", torch.linalg.eigh), ("consopt _eigh", _eigh)):
+        fn(S); torch.cuda.synchronize()
+        t = time.perf_counter(); fn(S); torch.cuda.synchronize()
+        print(f"eigh [{n}, {r}, {r}] {name}: {(time.perf_counter() - t) * 1e3:.1f} ms")
+PYEOF
+
 t1=$(date +%s)
 timeout 240 "$PY" benchmarks/bench_step.py --json "$OUT/bench_step_gpu.json" 2>&1 | tee "$OUT/bench_step_gpu.txt"
 bench_rc=${PIPESTATUS[0]}

@@ -1091,4 +1091,4 @@ def find_laws(model, example_inputs, *, loss=None, approximate=False) -> LawSet:
     for op, n in sorted(walk.unknown.items()):
         notes.append(f"op {op!r} ({n}x) is not in consopt's op table: laws of the spaces it touches were dropped")
     shapes = {n: p.shape for n, p in params.items()}
-    return LawSet(families, shapes, notes=notes, params=params)
+    return LawSet(families, shapes, notes=notes, params=params, loss=loss)

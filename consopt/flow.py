@@ -118,7 +118,7 @@ def compare(model, inputs, targets, loss_fn, T, lrs, *, laws: LawSet = None, mod
     for lr in lrs:
         for mode in modes:
             m = copy.deepcopy(model)
-            run_laws = LawSet(laws.families, laws.param_shapes, laws.notes).bind(m)
+            run_laws = LawSet(laws.families, laws.param_shapes, laws.notes, loss=laws.loss).bind(m)
             opt = SGD(m.parameters(), lr=lr, laws=run_laws, projection=None if mode == "plain" else mode)
             row = {"lr": lr, "mode": mode, "param_dist": [], "output_dist": [], "law_dev": []}
             steps_done = 0

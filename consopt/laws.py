@@ -176,8 +176,9 @@ class LawSet:
     """The conservation laws of one model, keyed by family name (SPEC §4)."""
 
     def __init__(self, families: Iterable[Family], param_shapes: Mapping[str, torch.Size], notes=(),
-                 params: Mapping[str, torch.Tensor] | None = None):
+                 params: Mapping[str, torch.Tensor] | None = None, loss: str | None = None):
         self.families = list(families)
+        self.loss = loss  # the loss the laws were found for (find_laws' `loss`; certify's default)
         # The parameter tensors of the model the laws were found on (what an optimizer binds to).
         self.bound = dict(params) if params is not None else None
         self.param_shapes = {k: torch.Size(v) for k, v in param_shapes.items()}
@@ -208,12 +209,11 @@ class LawSet:
 
     @property
     def param_names(self) -> list:
-        seen = []
+        seen = {}  # (an ordered set)
         for f in self.families:
             for p in f.params():
-                if p not in seen:
-                    seen.append(p)
-        return seen
+                seen.setdefault(p, None)
+        return list(seen)
 
     @property
     def num_functions(self) -> int:
@@ -221,7 +221,7 @@ class LawSet:
 
     def subset(self, names: Iterable[str]) -> "LawSet":
         names = list(names)
-        return LawSet([self[n] for n in names], self.param_shapes, self.notes, self.bound)
+        return LawSet([self[n] for n in names], self.param_shapes, self.notes, self.bound, self.loss)
 
     def bind(self, model) -> "LawSet":
         """Bind to `model`'s parameter tensors (checked by name and shape); returns self."""
@@ -278,8 +278,10 @@ class LawSet:
             lines.append(f"note: {n}")
         return "\n".join(lines)
 
-    def certify(self, model, example_inputs, *, loss=None, **count_kw):
-        """Compare num_functions with the numeric count of `consopt.lie.count_laws` (issue 7)."""
+    def certify(self, model, example_inputs, *, loss=..., **count_kw):
+        """Compare num_functions with the numeric count of `consopt.lie.count_laws`. `loss`:
+        the loss whose symmetries count (None or "cross_entropy"); by default the one the laws
+        were found for (`self.loss`)."""
         from .lie import certify
 
         return certify(self, model, example_inputs, loss=loss, **count_kw)

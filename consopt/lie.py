@@ -782,18 +782,21 @@ def _law_gradients(laws, point: dict, names: list) -> tuple:
     return jacrev(values)(theta), owner
 
 
-def certify(laws, model: torch.nn.Module, example_inputs, *, loss: Optional[str] = None,
+def certify(laws, model: torch.nn.Module, example_inputs, *, loss: Optional[str] = ...,
             law_tol: float = 1e-8, **count_kw) -> Certificate:
     """Check a LawSet against the numeric count: "complete", "missing k laws" or "more laws claimed
     than exist" (the last one is a bug: a claimed function that is not conserved, or a count that
     treats dependent functions as independent).
 
-    Pass the `loss` the laws were found with. Extra keyword arguments go to `count_laws`.
+    `loss` (None, "mse" or "cross_entropy"): whose symmetries count; by default the loss the laws
+    were found with (`laws.loss`, set by `find_laws`). Extra keyword arguments go to `count_laws`.
     Besides the counts, the claimed laws' gradients are evaluated at the same random point:
     `violations[family]` is the largest relative component of a ∇h_i inside Lie(W)(θ) (a true
     law gives ~1e-13; above `law_tol` the family is reported as not conserved), and
     `independent` is the numeric rank of all ∇h_i (what the claimed functions really span).
     """
+    if loss is ...:
+        loss = getattr(laws, "loss", None)
     res = count_laws(model, example_inputs, loss=loss, **count_kw)
     with _num_threads(count_kw.get("threads", 1)):
         return _certify(laws, res, law_tol)

@@ -155,7 +155,7 @@ def run_one(task: Task, base_model, laws: LawSet, inputs, targets, *, lr, seed, 
     from .sgd import SGD
 
     model = copy.deepcopy(base_model).to(device).train()
-    run_laws = LawSet(laws.families, laws.param_shapes, laws.notes).bind(model)
+    run_laws = LawSet(laws.families, laws.param_shapes, laws.notes, loss=laws.loss).bind(model)
     kw = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, laws=run_laws)
     if projection != "none":
         kw["projection"] = projection

@@ -136,6 +136,8 @@ class _LawTracker:
         for key in ("h0", "h", "scale0"):
             d = {}
             for n in self.names:
+                if not isinstance(state.get(key), Mapping) or n not in state[key]:
+                    raise ValueError(f"checkpoint tracking state {key!r} has no entry for law family {n!r}")
                 v = state[key][n]
                 want = tuple(self.laws[n].shape(shapes))
                 if tuple(v.shape) != want:
@@ -259,6 +261,12 @@ class SGD(torch.optim.SGD):
             for j, p in enumerate(group["params"]):
                 held.setdefault(id(p), (gi, j))
         tensors = {}
+        if laws.param_names and not any(id(bound[n]) in held for n in laws.param_names):
+            raise ValueError(
+                f"none of the law parameters ({laws.param_names[0]!r}, ...) is held by this optimizer: "
+                "the laws are bound to other tensors (another model, or a copy of it); call "
+                "laws.bind(model) with the model whose parameters this optimizer updates"
+            )
         for name in laws.param_names:
             p = bound[name]
             if id(p) not in held:
@@ -724,8 +732,10 @@ class SGD(torch.optim.SGD):
         return self._cpu_update(segments)
 
     def _check_law_grads(self) -> None:
-        self.laws.check_params(dict(self._law_params), what="optimizer's parameters")  # (.data replaced)
+        shapes = self.laws.param_shapes
         for name, p in self._law_params:
+            if p.shape != shapes[name]:  # (.data replaced): check_params names it
+                self.laws.check_params(dict(self._law_params), what="optimizer's parameters")
             g = p.grad
             if g is not None and g.layout != torch.strided:
                 raise ValueError(f"law parameter {name!r} has a sparse gradient ({g.layout}); consopt "
@@ -733,6 +743,8 @@ class SGD(torch.optim.SGD):
 
     def _param_label(self, gi: int, j: int, p: Tensor) -> str:
         name = self._law_names.get(id(p))
+        if name is None and self.laws is not None and self.laws.bound:  # (find_laws binds every parameter)
+            name = next((n for n, q in self.laws.bound.items() if q is p), None)
         if name is not None:
             return repr(name)
         names = self.param_groups[gi].get("param_names")
@@ -844,11 +856,19 @@ class SGD(torch.optim.SGD):
         `self.state[...]["momentum_buffer"]` then holds the untransported buffer: `state_dict()`,
         pickling and `sync_momentum()` apply what is owed first, and so does the flat storage when
         it is rebuilt; a buffer the user or `load_state_dict` puts into `self.state` replaces its
-        owed factors. Falls back to eager transport (`opt._projector.lazy` is False) where matrix
-        actions mix the rows that owed factors scale, or for families acted on by
-        `consopt.projection.project`'s per-family code. No effect off the fused path.
+        owed factors. Falls back to eager transport (`momentum_transport_active` says which runs)
+        where matrix actions mix the rows that owed factors scale, or for families acted on by
+        `consopt.projection.project`'s per-family code. No effect off the fused path (the CPU
+        transports eagerly).
         """
         return self._momentum_transport
+
+    @property
+    def momentum_transport_active(self) -> str:
+        """The transport the projection actually runs: "lazy" only on the fused path, once its
+        projector is built (the first projected step), with `momentum_transport = "lazy"` and no
+        family that needs eager transport (see `momentum_transport`); else "eager"."""
+        return "lazy" if self._projector and self._projector.lazy else "eager"
 
     @momentum_transport.setter
     def momentum_transport(self, value: str) -> None:

@@ -349,3 +349,18 @@ def test_benchmark_quick(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 8 and all(r["ok"] for r in rows)
     assert bench.linear_theory([2, 5, 2], False) == 14 and bench.linear_theory([3, 4, 4, 3], False) == 20
+
+
+def test_certify_counts_with_the_loss_the_laws_were_found_for():
+    """find_laws(loss="cross_entropy") adds the logits' translation; certify (the LawSet method and
+    the function) counts with that loss unless told otherwise: without it the translation is not
+    a law of the plain model, and the certificate says more laws are claimed than exist."""
+    torch.manual_seed(2)
+    m = M.MLP([3, 4, 3])
+    x = (torch.randn(5, 3),)
+    laws = consopt.find_laws(m, x, loss="cross_entropy")
+    assert laws.loss == "cross_entropy" and any(f.kind == "translation" for f in laws)
+    assert laws.certify(m, x).status == "complete"
+    assert certify(laws, m, x).status == "complete"
+    assert laws.subset(laws.keys()).certify(m, x).status == "complete"
+    assert laws.certify(m, x, loss=None).status == "more laws claimed than exist"

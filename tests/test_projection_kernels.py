@@ -942,6 +942,7 @@ def test_lazy_transport_next_to_matrix_actions_matches_eager_to_rounding(name):
         for model, o in zip((me, ml), (oe, ol)):
             _step(model, o, x, y, loss_fn)
     assert ol._projector.lazy and ol._projector._plans and any(p["mat"] for p in ol._projector._plans)
+    assert ol.momentum_transport_active == "lazy" and oe.momentum_transport_active == "eager"
     assert ol.projection_stats.rounds > 1 and ol.projection_stats.converged
     ol.sync_momentum()
     for (n, p), q in zip(me.named_parameters(), ml.parameters()):
@@ -958,6 +959,7 @@ def test_lazy_transport_falls_back_to_eager_for_per_family_code():
         for model, o in zip((me, ml), (oe, ol)):
             _step(model, o, x, y, loss_fn)
     assert ol._projector.fallback and not ol._projector.lazy
+    assert ol.momentum_transport == "lazy" and ol.momentum_transport_active == "eager"
     assert all(b.transport is None for g in ol._flat for b in g.buffers)
     for p, q in zip(me.parameters(), ml.parameters()):
         assert torch.equal(p, q) and torch.equal(oe.state[p]["momentum_buffer"], ol.state[q]["momentum_buffer"])

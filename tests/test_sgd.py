@@ -498,8 +498,9 @@ def test_law_parameter_not_in_optimizer():
         consopt.SGD(m.fc1.parameters(), lr=0.1, laws=mlp_laws(m))
     # a copy of the model has other tensors: identity, not names, decides
     other = copy.deepcopy(m)
-    with pytest.raises(ValueError, match="not held"):
+    with pytest.raises(ValueError, match=r"is held by this optimizer.*bound to other tensors.*laws\.bind\(model\)"):
         consopt.SGD(other.parameters(), lr=0.1, laws=mlp_laws(m))
+    consopt.SGD(other.parameters(), lr=0.1, laws=mlp_laws(m).bind(other))  # as the message says
 
 
 def test_unbound_laws_and_shape_mismatch():
@@ -624,6 +625,16 @@ def test_on_nonfinite_raise_before_tracking_starts_and_named_groups():
     with pytest.raises(FloatingPointError, match=r"'fc1\.bias'"):
         opt2.step()
     assert opt2.tracked_steps == 0 and opt2.deviation_stats()["step"] == 0.0
+    # a parameter outside every family is named from the model find_laws bound the laws to
+    m3 = MLP()
+    laws3 = consopt.find_laws(m3, (torch.randn(2, m3.fc1.in_features),))
+    assert "fc3.bias" not in laws3.param_names
+    opt3 = consopt.SGD(m3.parameters(), lr=0.1, laws=laws3, on_nonfinite="raise")
+    for p in m3.parameters():
+        p.grad = torch.randn_like(p)
+    m3.fc3.bias.grad[0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"'fc3\.bias'"):
+        opt3.step()
 
 
 def test_first_nonfinite_grad_mixed_dtypes_and_layouts():
@@ -844,6 +855,17 @@ def test_load_state_dict_with_other_laws_is_rejected_before_loading():
     o3 = consopt.SGD(m2.parameters(), lr=0.5, momentum=0.9)  # no laws: the extra key is ignored
     o3.load_state_dict(sd)
     assert o3.param_groups[0]["lr"] == 0.1
+    # a checkpoint missing one family's values, or with a malformed projector state: named, nothing loaded
+    o4 = consopt.SGD(m2.parameters(), lr=0.5, momentum=0.9, laws=mlp_laws(m2))
+    bad = copy.deepcopy(sd)
+    del bad["consopt"]["h"]["rescale.fc1"]
+    with pytest.raises(ValueError, match=r"'h' has no entry for law family 'rescale\.fc1'"):
+        o4.load_state_dict(bad)
+    bad = copy.deepcopy(sd)
+    bad["consopt"]["projector"] = [1, 2]
+    with pytest.raises(ValueError, match="malformed consopt projector state"):
+        o4.load_state_dict(bad)
+    assert o4.param_groups[0]["lr"] == 0.5 and not o4.state
 
 
 _SCHEDULERS = {

@@ -12,6 +12,7 @@ import torch
 
 import consopt
 import consopt.native as N
+from consopt.laws import LawSet
 from consopt.projection import TensorProjector, _lyapunov, project
 
 from test_projection import CASES, DEV_TOL, dead_unit_mlp, rel_dev, setup
@@ -725,3 +726,20 @@ def test_euclidean_in_closed_form_is_the_autograd_solution(monkeypatch):
         out[closed] = [p.detach().clone() for p in mm.parameters()]
     for a, b in zip(out[True], out[False]):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_lazy_momentum_transport_is_eager_off_the_fused_path():
+    m, x, y, loss_fn, laws, _ = setup("mlp")
+    runs = []
+    for transport in ("eager", "lazy"):
+        mm = copy.deepcopy(m)
+        opt = consopt.SGD(mm.parameters(), lr=0.05, momentum=0.9, projection="symmetry",
+                          laws=LawSet(laws.families, laws.param_shapes, params=dict(mm.named_parameters())))
+        opt.momentum_transport = transport
+        for _ in range(3):
+            opt.zero_grad()
+            loss_fn(mm(x), y).backward()
+            opt.step()
+        assert opt.momentum_transport == transport and opt.momentum_transport_active == "eager"
+        runs.append([t.clone() for p in mm.parameters() for t in (p.detach(), opt.state[p]["momentum_buffer"])])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
