@@ -175,6 +175,8 @@ class FamilyValues(Mapping):
 class LawSet:
     """The conservation laws of one model, keyed by family name (SPEC §4)."""
 
+    loss = None  # (LawSets pickled before `loss` existed read None)
+
     def __init__(self, families: Iterable[Family], param_shapes: Mapping[str, torch.Size], notes=(),
                  params: Mapping[str, torch.Tensor] | None = None, loss: str | None = None):
         self.families = list(families)

@@ -357,7 +357,7 @@ def profile(models, lrs, *, seeds=3, steps=50, time_T=None, batch=64, momentum=0
             fams = list(laws.families)
             if task.extra_families is not None:
                 fams.append(task.extra_families(base))
-            laws_cache[task.name] = LawSet(fams, laws.param_shapes, laws.notes)
+            laws_cache[task.name] = LawSet(fams, laws.param_shapes, laws.notes, loss=laws.loss)
         r = run_one(task, base, laws_cache[task.name], inputs, targets, lr=lr, seed=seed, steps=n, batch=batch_j,
                     momentum=momentum, weight_decay=weight_decay, projection=proj, device=device)
         runs.append(r)

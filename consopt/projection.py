@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -334,6 +335,10 @@ class _LyapBasis:
         """UYUᵀ."""
         return torch.bmm(torch.bmm(self.U, Y), self.U.mT)
 
+    def solve(self, R):
+        """X with X S + S X = R for the basis's own S (dropped directions zeroed)."""
+        return self.out(self.into(R) * self.inv)
+
 
 _PCG_MAX = 8  # conjugate gradient iterations from a cached basis before S is decomposed afresh
 _PCG_REFRESH = 4  # a solve that took more: the next one decomposes (the basis follows S)
@@ -387,7 +392,7 @@ def _lyapunov(S, R, cache: dict | None = None, key=None, inexact: float = _LYAP_
     basis = _LyapBasis(S)
     if cache is not None:
         cache[key] = basis
-    return basis.out(basis.into(R) * basis.inv).reshape(shape), basis.tiny.reshape(shape)
+    return basis.solve(R).reshape(shape), basis.tiny.reshape(shape)
 
 
 def _matrix_step(s: _Slices, h0, euclid: bool):
@@ -419,6 +424,8 @@ def _matrix_step(s: _Slices, h0, euclid: bool):
 
 def _translation(s: _Slices, h0):
     fam = s.fam
+    if not all(bool(torch.isfinite(m).all()) for m in s.m):
+        return False  # a non-finite entry: skipped and counted (a shift would spread it)
     if fam.form == "diag":
         if len(fam.terms) == 1 and fam.terms[0].sign > 0 and s.m[0].shape[1] == 1:  # per-channel bias: set it
             s.m[0] = h0[:, None].to(s.m[0].dtype).expand_as(s.m[0]).clone()
@@ -628,7 +635,7 @@ def _euclidean(laws: LawSet, params: dict, h0: dict, scales: dict, tol: float, m
             p, c = (p if p is not None else torch.zeros_like(c)), (c if c is not None else torch.zeros_like(p))
             live = _rescale(p, c, h0[f.name].to(p))[1].to(dev) & (g2 > 0)
             stats.skipped += int((~live).sum())
-        elif bool((torch.isfinite(g2) & (g2 > 0)).all()):
+        elif bool((torch.isfinite(g2) & (g2 > 0)).all() and torch.isfinite(scales[f.name]).all()):
             live = torch.ones_like(g2, dtype=torch.bool)
         else:
             stats.skipped += 1
@@ -1018,17 +1025,78 @@ class _ColouredProjector:
                            for f in fams}  # (`_by_family`)
         self._fam_names = [f.name for f in fams]
         self._measure = self._make_stats(fams)
+        self._mat_elim = self._matrix_eliminations(colours) if self.eliminate else {}
         self._plans = []
         for ci, c in enumerate(colours):
             self._plans.append(self._plan(c, self._colour_stats(ci, colours)))
         if self._plans:
             self._plans[0]["elim"] = self._plan_elimination(colours) if self.eliminate else None
+            self._plans[0]["mcouple"] = self._plan_matrix_coupling(colours)
         self._build_measurement(fams)
 
     def _colour_stats(self, ci: int, colours: list) -> _Stats:
         """Where colour ci's actions read their statistics: the measurement for colour 0 (it
-        measures every family), its own statistics pass for the others."""
-        return self._measure if ci == 0 else self._make_stats(colours[ci])
+        measures every family), its own statistics pass for the others (with the translations
+        its matrix families take into account, `_matrix_eliminations`)."""
+        if ci == 0:
+            return self._measure
+        extra = {g.name: g for f in colours[ci] for g, *_ in self._mat_elim.get(f.name, ())}
+        return self._make_stats(list(colours[ci]) + [g for n, g in extra.items() if n not in {f.name for f in colours[ci]}])
+
+    def _matrix_eliminations(self, colours) -> dict:
+        """{matrix family: [(translation family g, its value entries per unit [r], K, side)]}: the
+        translations of later colours that shift the slices of one of its terms uniformly.
+
+        A matrix family's term slices M [r, K] (r units) and a translation g whose value entry for
+        unit i is exactly Σ_k M_ik, of this term alone, and whose shift adds d_i = (h₀_g − Σ_k M_ik)/K
+        to each of the K entries: the out_proj columns of an attention head's VO law against the
+        translation of out_proj's rows (a producer feeding a LayerNorm: every row of a column), or
+        the key bias inside a QK law against its own translation (K = 1). After the matrix action M →
+        G M (G = A or A⁻ᵀ) the shift gives M' = G M + d 1ᵀ, so the side's Gram becomes
+        G (M Mᵀ − s sᵀ/K) Gᵀ + h₀_g h₀_gᵀ/K (s = M 1), whatever G: the Newton step solves against
+        that (`_actions`), and the family and the translation both land in the round, where
+        Gauss–Seidel between them converged linearly. As `_plan_elimination`, only a better first
+        guess: the rounds still stop on the residual."""
+        out = {}
+        later = {}  # translation family -> its colour
+        for ci, c in enumerate(colours):
+            for f in c:
+                if _kind(f) == "shift" and f not in self._fallback_fams:
+                    later[f.name] = (ci, f)
+        if not later:
+            return out
+        colour_of = {f.name: ci for ci, c in enumerate(colours) for f in c}
+        # (key, axis, slice index) -> (g, entry, K): one translation entry summing one whole slice
+        whole = {}
+        for ci, g in later.values():
+            terms = self._shift_terms(g)
+            for key, axis, idx, sign, K, col, _ in terms:
+                shape = self._key_shape(key)
+                U, S = idx.shape
+                if S != 1:
+                    continue
+                if g.form == "vector" and len(shape) == 2 and U == shape[axis] and \
+                        np.array_equal(np.sort(idx[:, 0]), np.arange(shape[axis])):
+                    # entry col + k sums every index along `axis` at position k of the other axis
+                    for k in range(K):
+                        whole[(key, 1 - axis, k)] = (g, col + k, U, ci)
+                elif g.form == "diag" and len(terms) == 1:
+                    for u in range(U):  # unit u's function: the whole slice idx[u] along `axis`
+                        whole[(key, axis, int(idx[u, 0]))] = (g, u, K, ci)
+        for c in colours:
+            for f in c:
+                if _kind(f) != "matrix":
+                    continue
+                for key, axis, idx, sign in self._fps[f.name]:
+                    if idx.shape[1] != 1:
+                        continue
+                    hits = [whole.get((key, axis, int(i))) for i in idx[:, 0]]
+                    if any(h is None for h in hits) or len({(h[0].name, h[2]) for h in hits}) != 1:
+                        continue
+                    g, _, K, cg = hits[0]
+                    if cg > colour_of[f.name]:
+                        out.setdefault(f.name, []).append((g, np.array([h[1] for h in hits]), K, sign))
+        return out
 
     def _colour(self, fams) -> list:
         """Greedy colouring of the conflict graph (shared elements) in the families' order."""
@@ -1055,7 +1123,11 @@ class _ColouredProjector:
         diag = [i for i, f in enumerate(fams) if _kind(f) == "diag"]
         self._joint = self.joint_diag and bool(diag) and self._joint_ok([fams[i] for i in diag])
         in_diag = set(diag)
-        order = diag + [i for i in range(len(fams)) if i not in in_diag] if self._joint else range(len(fams))
+        order = diag + [i for i in range(len(fams)) if i not in in_diag] if self._joint else list(range(len(fams)))
+        # a translation that shares a tensor with a matrix family comes after it in the sweep, where
+        # the matrix action's Newton step can take the shift that follows into account
+        # (`_plan_matrix_elimination`): matrix families first among the rest
+        order = [i for i in order if _kind(fams[i]) != "shift"] + [i for i in order if _kind(fams[i]) == "shift"]
         colour_of = {}
         colours = []
         for i in order:
@@ -1064,6 +1136,9 @@ class _ColouredProjector:
             else:
                 used = {colour_of[j] for j in nbrs[i] if j in colour_of}
                 c = 0
+                if _kind(fams[i]) == "shift":
+                    c = 1 + max((colour_of[j] for j in nbrs[i] if j in colour_of and _kind(fams[j]) == "matrix"),
+                                default=-1)
                 while c in used:
                     c += 1
             colour_of[i] = c
@@ -1140,12 +1215,7 @@ class _ColouredProjector:
         for f in mats:
             by_r.setdefault(f.units, []).append(f)
         for r, fl in by_r.items():
-            rr = r * r
-            plan["mat"][r] = dict(
-                P=T(np.concatenate([st.index(f, "|+", rr) for f in fl])),
-                C=T(np.concatenate([st.index(f, "|-", rr) for f in fl])),
-                h0=T(np.concatenate([self._meas_off[f.name] + np.arange(rr) for f in fl])),
-                ok=T([self._unit_off[f.name] for f in fl]), n=len(fl), pos={f.name: i for i, f in enumerate(fl)})
+            plan["mat"][r] = self._mat_tables(fl, st)
         # -- translation: D = h0 − h for every function of the colour's translation families
         do, nd = {}, 0
         if shifts:
@@ -1156,7 +1226,10 @@ class _ColouredProjector:
                 nd += n
                 tv.append(st.index(f, "", n))
                 th.append(self._meas_off[f.name] + np.arange(n))
-            plan["shift"] = dict(v=T(np.concatenate(tv)), h0=T(np.concatenate(th)))
+            plan["shift"] = dict(v=T(np.concatenate(tv)), h0=T(np.concatenate(th)), n=len(shifts),
+                                 fam=T(np.concatenate([np.full(math.prod(self._shape[f.name]), i)
+                                                       for i, f in enumerate(shifts)])),
+                                 ok=T([self._unit_off[f.name] for f in shifts]))
         # -- diagonal factor slots: F = ext[F_src], one slot per (key, axis, index); ext = [1, a, 1/a]
         seg_fac, nf = {}, 1  # key -> {axis: slot offset in F}; F[0] = 1
         for f in diag:
@@ -1174,6 +1247,189 @@ class _ColouredProjector:
         plan["seg_fac"], plan["src"] = seg_fac, src  # (host copies: `_plan_elimination`, `_plan_fold`)
         self._plan_apply(plan, fams, seg_fac, uo, nu, do)
         return plan
+
+    def _mat_tables(self, fl: list, st: _Stats) -> dict:
+        """Index tables of the matrix families `fl` (one size r) in the statistics `st`: their
+        Grams P, C and h₀, the translations that follow them (`_matrix_eliminations`)."""
+        T = self._T
+        r = fl[0].units
+        rr = r * r
+        el = [(i, g, ent, K, side) for i, f in enumerate(fl) for g, ent, K, side in self._mat_elim.get(f.name, ())]
+        elim = None
+        if el:  # per eliminated term: its family's position, the translation's values, K, the side
+            gs = list({e[1].name: e[1] for e in el}.values())
+            elim = dict(fam=T([[g.name for g in gs].index(e[1].name) for e in el]), finite=self._finite_tables(gs, st),
+                        pos=T([e[0] for e in el]),
+                        v=T(np.stack([st.index(g, "", math.prod(self._shape[g.name]))[ent] for _, g, ent, _, _ in el])),
+                        h0=T(np.stack([self._meas_off[g.name] + ent for _, g, ent, _, _ in el])),
+                        K=torch.tensor([float(e[3]) for e in el], dtype=torch.float64, device=self._dev),
+                        prod=torch.tensor([e[4] > 0 for e in el], device=self._dev))
+        return dict(elim=elim,
+                    P=T(np.concatenate([st.index(f, "|+", rr) for f in fl])),
+                    C=T(np.concatenate([st.index(f, "|-", rr) for f in fl])),
+                    h0=T(np.concatenate([self._meas_off[f.name] + np.arange(rr) for f in fl])),
+                    ok=T([self._unit_off[f.name] for f in fl]), n=len(fl), pos={f.name: i for i, f in enumerate(fl)})
+
+    def _plan_matrix_coupling(self, colours) -> list | None:
+        """Tables with which colour 0's diagonal closed form anticipates the matrix actions of
+        later colours on the tensors it scales along their other axis.
+
+        A LayerNorm's gains rescale the columns of an attention in_proj whose rows the heads' QK
+        and VO actions move: the heads' actions, which follow in the round, change the columns'
+        sums of squares by Δ_j = Σ_t Σ_i ((G_t M_t)² − M_t²)_ij (M_t: a term's rows, G_t = A or
+        A⁻ᵀ), and Gauss–Seidel between the two converged at a rate of about 0.15 per round. Here
+        each batch of matrix families predicts its Newton step from the measurement (`_actions`:
+        the same Lyapunov solve, on the same cached basis), the Δ_j it makes are formed from the
+        parameters (one product per term and head batch), and the diagonal units solve against
+        p + Δp, c + Δc. Only a better first guess, as `_plan_elimination`: the matrix families
+        still take their own step from fresh statistics, and the rounds stop on the residual.
+        Two-dimensional tensors whose other axis colour 0 scales."""
+        if not self._plans or self._plans[0]["diag"] is None or not self.eliminate:
+            return None
+        plan0 = self._plans[0]
+        seg_fac, src, nu = plan0["seg_fac"], plan0["src"], plan0["diag"]["n"]
+        out = []
+        for ci in range(1, len(colours)):
+            for r, m in self._plans[ci]["mat"].items():
+                fams = sorted(m["pos"], key=m["pos"].get)
+                by_f = {f.name: f for f in colours[ci]}
+                groups = {}  # (param, axis, sign) -> [(position in the batch, rows)], slot table
+                for name in fams:
+                    f = by_f[name]
+                    for t, (key, axis, idx, sign) in zip(f.terms, self._fps[name]):
+                        shape = self._key_shape(key)
+                        other = 1 - axis
+                        if len(shape) != 2 or other not in seg_fac.get(key, {}):
+                            continue
+                        slots = src[seg_fac[key][other] + np.arange(shape[other])]
+                        e = groups.setdefault((t.param, axis, sign), dict(pos=[], rows=[], slots=slots,
+                                                                           base=seg_fac[key][other]))
+                        for s_ in range(idx.shape[1]):  # (a unit's S slices, e.g. grouped-query heads, each moved by A)
+                            e["pos"].append(m["pos"][name])
+                            e["rows"].append(idx[:, s_])
+                if not groups:
+                    continue
+                by_k = {}  # the groups stacked by the length K of their slices: one product per K
+                for (param, axis, sign), e in groups.items():
+                    by_k.setdefault(e["slots"].size, []).append((param, axis, sign, e))
+                stacks = []
+                for K, gl in by_k.items():
+                    pos = np.concatenate([e["pos"] for *_, e in gl])
+                    prod = np.concatenate([np.full(len(e["pos"]), sign > 0) for _, _, sign, e in gl])
+                    fslots = np.concatenate([np.tile(e["base"] + np.arange(K), (len(e["pos"]), 1)) for *_, e in gl])
+                    slots = np.concatenate([np.tile(e["slots"], (len(e["pos"]), 1)) for *_, e in gl]).reshape(-1)
+                    on = np.nonzero(slots > 0)[0]  # columns colour 0 scales: unit (+ nu on a consumer side)
+                    u = slots[on] - 1
+                    stacks.append(dict(parts=[(param, axis, self._T(np.concatenate(e["rows"]))) for param, axis, _, e in gl],
+                                       pos=self._T(pos), prod=torch.as_tensor(prod, device=self._dev),
+                                       fslots=self._T(fslots), on=self._T(on), unit=self._T(u % nu),
+                                       to_p=torch.as_tensor(u < nu, device=self._dev)))
+                out.append(dict(tables=self._mat_tables([by_f[n] for n in fams], self._measure), r=r,
+                                eig=self._plans[ci].setdefault("eig", {}), stacks=stacks))
+        return out or None
+
+    coupled_iters = 3  # inner iterations of the predicted diagonal / matrix coupling (`_coupled_sums`)
+
+    def _coupled_sums(self, plan: dict, v: torch.Tensor, H0: torch.Tensor, p, c, h0, omega: float) -> tuple:
+        """(p, c) of colour 0's units with what the later colours' matrix actions will add to
+        their sums of squares (`_plan_matrix_coupling`): the coupled linearised system, by a few
+        inner Gauss–Seidel iterations on tiny tensors and one product per term and iteration,
+        instead of rounds over every parameter. Each iteration: the units' closed form against the
+        current prediction; the Grams of the matrix families after those factors,
+        P + M diag(f² − 1) Mᵀ (f: a column's factor); their Newton step (`_lyapunov`, the colour's
+        cached basis); the sums of squares it changes, Σ_i ((G M)² − M²)_ij."""
+        dev = v.device
+        n = p.numel()
+        one = torch.ones(1, dtype=torch.float64, device=dev)
+        mats = []  # per batch and stack: the slices M [E, r, K] in float64, once per call
+        for b in plan["mcouple"]:
+            ms = []
+            for s in b["stacks"]:
+                parts = []
+                for param, axis, rows in s["parts"]:
+                    x = self.params_by_name[param].detach().index_select(axis, rows)
+                    parts.append((x if axis == 0 else x.mT).reshape(-1, b["r"], x.shape[1 - axis]))
+                M = torch.cat(parts) if len(parts) > 1 else parts[0]
+                # (float32 weights stay float32: the products only predict corrections of ~1e-3
+                # relative size, whose own 1e-7 relative error does not matter)
+                ms.append(M if M.dtype in (torch.float32, torch.float64) else M.float())
+            mats.append(ms)
+        pre = []  # per batch: the Grams and the Newton step without the units' factors
+        for b in plan["mcouple"]:
+            r = b["r"]
+            P, C, h0m = self._grams(b["tables"], v, H0, r)
+            X, _ = _lyapunov(P + C, h0m - (P - C), b["eig"], r, self._lyap_tol)
+            pre.append((P, C, h0m, X))
+        dp = torch.zeros(n, dtype=torch.float64, device=dev)
+        dc = torch.zeros(n, dtype=torch.float64, device=dev)
+        for it in range(self.coupled_iters):
+            F = None
+            if it:
+                a = _rescale(p + dp, c + dc, h0)[0]
+                if omega != 1.0:
+                    a = a.pow(omega)
+                F = torch.cat([one, a, 1 / a])[plan["F_src"]]
+            dp, dc = torch.zeros_like(dp), torch.zeros_like(dc)
+            for b, ms, (P, C, h0m, X) in zip(plan["mcouple"], mats, pre):
+                r = b["r"]
+                if F is not None:  # the Grams after the units' factors, and the step's change by them
+                    dR = torch.zeros_like(P)  # −(ΔP − ΔC): the right side's change (S's is second order)
+                    for s, M in zip(b["stacks"], ms):
+                        dG = torch.bmm(M * (F[s["fslots"]] ** 2 - 1).to(M.dtype)[:, None, :], M.mT).double()
+                        dR = dR.index_add(0, s["pos"], torch.where(s["prod"][:, None, None], -dG, dG))
+                    basis = b["eig"].get(r)
+                    if basis is not None and basis.U.shape == P.shape:
+                        X = X + basis.solve(dR)  # (the cached basis's exact inverse: no iterations)
+                    else:
+                        X, _ = _lyapunov(P + C, h0m - (P - C) + dR, b["eig"], r, self._lyap_tol)
+                eye = torch.eye(r, dtype=torch.float64, device=dev)
+                inv = torch.linalg.inv_ex(eye + omega * X)
+                E = torch.stack([omega * X, inv.inverse.mT - eye])  # producers: A − I, consumers: A⁻ᵀ − I
+                E = torch.where(torch.isfinite(E).flatten(2).all(2).all(0)[None, :, None, None]
+                                & (inv.info == 0)[None, :, None, None], E, 0)
+                for s, M in zip(b["stacks"], ms):
+                    Es = torch.where(s["prod"][:, None, None], E[0][s["pos"]], E[1][s["pos"]]).to(M.dtype)
+                    EM = torch.bmm(Es, M)
+                    # Σ (GM)² − M² per column
+                    delta = (EM * (2 * M + EM)).sum(1, dtype=torch.float64).reshape(-1)[s["on"]]
+                    dp.index_add_(0, s["unit"], torch.where(s["to_p"], delta, 0))
+                    dc.index_add_(0, s["unit"], torch.where(s["to_p"], 0, delta))
+        p2, c2 = p + dp, c + dc
+        use = (p2 > 0) & (c2 >= 0)
+        return torch.where(use, p2, p), torch.where(use, c2, c)
+
+    def _grams(self, m: dict, v: torch.Tensor, H0: torch.Tensor, r: int) -> tuple:
+        """(P, C, h₀) [n, r, r] of a batch of matrix families from statistics `v`, with the
+        translations that follow them taken in (`_matrix_eliminations`)."""
+        n = m["n"]
+        P = v[m["P"]].view(n, r, r)
+        C = v[m["C"]].view(n, r, r)
+        h0m = H0[m["h0"]].view(n, r, r)
+        el = m["elim"]
+        if el is not None:
+            s, t = v[el["v"]], H0[el["h0"]]
+            live = self._finite(el["finite"], v)[el["fam"]][:, None, None]  # (a skipped translation does not shift)
+            ss = torch.where(live, s[:, :, None] * s[:, None, :] / el["K"][:, None, None], 0)
+            tt = torch.where(live, t[:, :, None] * t[:, None, :] / el["K"][:, None, None], 0)
+            zero = torch.zeros_like(ss)
+            P = P.index_add(0, el["pos"], torch.where(el["prod"][:, None, None], -ss, zero))
+            C = C.index_add(0, el["pos"], torch.where(el["prod"][:, None, None], zero, -ss))
+            h0m = h0m.index_add(0, el["pos"], torch.where(el["prod"][:, None, None], -tt, tt))
+        return P, C, h0m
+
+    def _finite_tables(self, fams: list, st: _Stats) -> dict:
+        """Index tables telling, from statistics `st`, whether each of the translation families
+        `fams` has only finite values (a family with a non-finite one is skipped, so an
+        elimination must not expect its shift): `_finite`."""
+        sizes = [math.prod(self._shape[g.name]) for g in fams]
+        return dict(v=self._T(np.concatenate([st.index(g, "", n) for g, n in zip(fams, sizes)])),
+                    fam=self._T(np.repeat(np.arange(len(fams)), sizes)), n=len(fams))
+
+    @staticmethod
+    def _finite(tab: dict, v: torch.Tensor) -> torch.Tensor:
+        """bool [families]: every value of the family finite (`_finite_tables`)."""
+        bad = torch.zeros(tab["n"], dtype=torch.float64, device=v.device)
+        return bad.index_add(0, tab["fam"], (~torch.isfinite(v[tab["v"]])).double()) == 0
 
     def _shift_terms(self, f: Family) -> list:
         """Per term of translation family f: (key, axis, idx, sign, K, col, coef) — K entries per
@@ -1212,12 +1468,13 @@ class _ColouredProjector:
         plan = self._plans[0]
         nu = plan["diag"]["n"]
         st = self._measure
-        v_idx, h_idx, unit, prod, rows = [], [], [], [], []
+        v_idx, h_idx, unit, prod, rows, fam, fams = [], [], [], [], [], [], []
         for c in colours[1:]:
             for f in c:
                 if _kind(f) != "shift" or f.form != "vector" or f in self._fallback_fams:
                     continue
                 vpos = st.index(f, "", math.prod(self._shape[f.name]))
+                n_before = len(v_idx)
                 for key, axis, idx, sign, K, col, _ in self._shift_terms(f):
                     shape = self._key_shape(key)
                     U, S = idx.shape
@@ -1235,6 +1492,9 @@ class _ColouredProjector:
                             unit.append(u % nu)
                             prod.append(u < nu)
                             rows.append(np.full(int(on.sum()), U, np.int64))
+                            fam.append(np.full(int(on.sum()), len(fams), np.int64))
+                if len(v_idx) > n_before:
+                    fams.append(f)
         if not v_idx:
             return None
         T = self._T
@@ -1242,7 +1502,8 @@ class _ColouredProjector:
         pr = cat(prod).astype(np.float64)
         return dict(v=T(cat(v_idx)), h0=T(cat(h_idx)), unit=T(cat(unit)),
                     prod=torch.as_tensor(pr, device=self._dev),
-                    rows=torch.as_tensor(cat(rows).astype(np.float64), device=self._dev))
+                    rows=torch.as_tensor(cat(rows).astype(np.float64), device=self._dev),
+                    fam=T(cat(fam)), finite=self._finite_tables(fams, st))
 
     def _build_measurement(self, fams):
         """Index tables that turn the colour-0 statistics into h, scale and residual of every function."""
@@ -1415,6 +1676,30 @@ class _ColouredProjector:
                       for ci, plan in enumerate(self._plans) for r, b in plan.get("eig", {}).items()}
         return d
 
+    @staticmethod
+    def check_state(d) -> None:
+        """Raise ValueError unless `d` has the form `state()` gives (a checkpoint is checked before
+        anything is loaded; whether it fits this projector's colours is decided by `load_state`)."""
+        def need(ok, what):
+            if not ok:
+                raise ValueError(f"malformed consopt projector state in the optimizer state dict: {what}")
+        if not d:
+            return
+        need(isinstance(d.get("colours"), list) and all(isinstance(c, list) for c in d["colours"]), "'colours'")
+        need(isinstance(d.get("fallback"), list), "'fallback'")
+        need(isinstance(d.get("prev_rounds"), int), "'prev_rounds'")
+        if "carry" in d:
+            need(torch.is_tensor(d["carry"]) and d["carry"].numel() == 2, "'carry'")
+        if "scale" in d or "ok" in d:
+            need(all(torch.is_tensor(d.get(k)) and d[k].dim() == 1 for k in ("scale", "ok")), "'scale' / 'ok'")
+        bases = d.get("bases", {})
+        need(isinstance(bases, Mapping), "'bases'")
+        for key, b in bases.items():
+            parts = key.split(":") if isinstance(key, str) else []
+            need(len(parts) == 2 and all(x.isdigit() for x in parts), f"basis key {key!r}")
+            need(isinstance(b, Mapping) and all(torch.is_tensor(b.get(k)) and b[k].dim() == 3 for k in ("U", "inv", "tiny"))
+                 and isinstance(b.get("iters"), int), f"basis {key!r}")
+
     def load_state(self, d) -> None:
         """Continue from `state()` (an empty dict: start afresh). A state of other colours
         (other laws, or a projector that acts with other code) is not applied: the next call
@@ -1472,8 +1757,9 @@ class _ColouredProjector:
             el = plan.get("elim")
             if el is not None:  # the translations of later colours, in closed form (`_plan_elimination`)
                 n = p.numel()
-                sq = v[el["v"]] ** 2 / el["rows"]
-                t2 = H0[el["h0"]] ** 2 / el["rows"]
+                live = self._finite(el["finite"], v)[el["fam"]]  # (a skipped translation does not shift)
+                sq = torch.where(live, v[el["v"]] ** 2 / el["rows"], 0)
+                t2 = torch.where(live, H0[el["h0"]] ** 2 / el["rows"], 0)
                 z = torch.zeros(n, dtype=torch.float64, device=dev)
                 dp = z.index_add(0, el["unit"], sq * el["prod"])
                 dc = z.index_add(0, el["unit"], sq * (1 - el["prod"]))
@@ -1481,6 +1767,8 @@ class _ColouredProjector:
                 p2, c2 = p - dp, c - dc
                 use = (p2 > 1e-12 * p) & (c2 >= 0)  # (Q − S²/U ≥ 0 up to rounding; else as before)
                 p, c, h0 = torch.where(use, p2, p), torch.where(use, c2.clamp_min(0), c), torch.where(use, h0 + dh, h0)
+            if plan.get("mcouple") is not None:  # the matrix actions that follow, predicted
+                p, c = self._coupled_sums(plan, v, H0, p, c, h0, omega)
             joint = bool(plan["couple"])
             if joint:  # coupled units already on the level set move by ≤ tol/10 either way: closed form
                 cu = plan["coupled_units"]
@@ -1498,15 +1786,13 @@ class _ColouredProjector:
         G = {}
         for r, m in plan["mat"].items():  # Newton steps per family, batched: as _matrix_step / _lyapunov
             n = m["n"]
-            P = v[m["P"]].view(n, r, r)
-            C = v[m["C"]].view(n, r, r)
-            h0m = H0[m["h0"]].view(n, r, r)
+            P, C, h0m = self._grams(m, v, H0, r)  # (the translations that follow, in closed form)
             eye = torch.eye(r, dtype=torch.float64, device=dev)
             good = torch.ones(n, dtype=torch.bool, device=dev)
             # the Grams move exactly with the action (P → A P Aᵀ, C → A⁻ᵀ C A⁻¹), so further Newton
             # steps need no measurement: up to `matrix_newton` of them, composed, then applied once
             # (one step leaves ~res², above float32's tolerance from a drift of 1e-3)
-            steps = self._newton if omega == 1.0 else 1
+            steps = max(1, self._newton) if omega == 1.0 else 1
             Gr = None  # [A; A⁻ᵀ] of the steps so far, composed
             for it in range(steps):
                 # (_lyapunov symmetrises S and R in its basis)
@@ -1525,8 +1811,14 @@ class _ColouredProjector:
             G[r] = Gr  # producers: A, consumers: A⁻ᵀ (bad steps: I)
             ok[m["ok"]] = good
         D = None
-        if plan["shift"] is not None:
-            D = H0[plan["shift"]["h0"]] - v[plan["shift"]["v"]]
+        sh = plan["shift"]
+        if sh is not None:
+            D = H0[sh["h0"]] - v[sh["v"]]
+            # a family with a non-finite value is skipped and counted (its shift would spread it)
+            bad = torch.zeros(sh["n"], dtype=torch.float64, device=dev).index_add(0, sh["fam"], (~torch.isfinite(D)).double())
+            good = bad == 0
+            ok[sh["ok"]] = good
+            D = torch.where(good[sh["fam"]], D, torch.zeros((), dtype=D.dtype, device=dev))
         return F, G, D
 
 

@@ -240,6 +240,8 @@ class SGD(torch.optim.SGD):
         self._step_measured = None  # the fused step's measurement for the flat projector (`step_laws`)
         self._momentum_transport = "eager"  # (see momentum_transport)
         self._projector_state = None  # a checkpoint's projector state, for the next projector (`_resume`)
+        self._last_projector = None  # the projector of the last projected step (what a checkpoint saves)
+        self._projector_ran = False  # the flat projector has completed a call (its first use is guarded)
         if laws is not None:
             self._tracker = _LawTracker(laws, self._bind(laws))
             from .native import available as native_available
@@ -316,6 +318,8 @@ class SGD(torch.optim.SGD):
         d["_projector"] = None
         d["_tensor_projector"] = None
         d.setdefault("_projector_state", None)
+        d["_last_projector"] = None
+        d["_projector_ran"] = False
         d["_step_stats"] = None
         d["_step_measured"] = None
         d["_cpu_update"] = None
@@ -403,6 +407,7 @@ class SGD(torch.optim.SGD):
             if proj is None or proj.backend != backend:
                 proj = self._tensor_projector = TensorProjector(self.laws, tensors, backend=backend)
             self._resume(proj)
+            self._last_projector = proj
             stats, self._step_stats = self._step_stats, None
             self.projection_stats = proj(self._tracker.h0, buffers=buffers, values=values,
                                          stats=stats if values is not None else None)
@@ -414,20 +419,19 @@ class SGD(torch.optim.SGD):
         """The symmetry projection on the flat buffers; _FALLBACK if its first use fails.
         `values`: h after the step, from the fused kernels (lets a step already on the level set
         skip every pass)."""
-        from .projection import FlatProjector
-
         if self._projector is False:
             return _FALLBACK
-        first = self._projector is None
+        first = not self._projector_ran
         snapshot = None
         try:
+            if self._projector is None:
+                self._new_flat_projector()
             if first:
-                self._projector = FlatProjector(self.laws, self._tracker.evaluator.tensors, self._flat,
-                                                lazy_momentum=self._momentum_transport == "lazy")
                 snapshot = self._snapshot_flat(grads=False)  # first use: kernels compile now
-            self._resume(self._projector)
             measured, self._step_measured = self._step_measured, None
             self.projection_stats = self._projector(self._tracker.h0, values=values, measured=measured)
+            self._projector_ran = True
+            self._last_projector = self._projector
         except Exception as e:  # noqa: BLE001 - only on the first projected step, see above
             if not first:
                 raise
@@ -437,6 +441,13 @@ class SGD(torch.optim.SGD):
             self._projector = False
             return _FALLBACK
         return self._projector.values
+
+    def _new_flat_projector(self) -> None:
+        from .projection import FlatProjector
+
+        self._projector = FlatProjector(self.laws, self._tracker.evaluator.tensors, self._flat,
+                                        lazy_momentum=self._momentum_transport == "lazy")
+        self._resume(self._projector)
 
     def _step_impl(self) -> str:
         """Which implementation applies the update.
@@ -490,6 +501,13 @@ class SGD(torch.optim.SGD):
             snapshot = self._snapshot_flat()
         # with the flat symmetry projection the step forms the projector's own (split) statistics:
         # its first measurement then costs no pass, and h = producer − consumer goes to the tracker
+        if (self.projection == "symmetry" and self._projector is None and self._projector_state
+                and self._tracker is not None and self._tracker.started):
+            # a resumed run: its projector measures in this step, as the original's did
+            try:
+                self._new_flat_projector()
+            except Exception:  # noqa: BLE001 - `_project_flat` builds it again and falls back there
+                self._projector = None
         proj = self._projector if self.projection == "symmetry" and self._projector else None
         proj = proj if proj is not None and proj.measure_in_step else None
         compiled = proj.step_laws() if proj is not None else self._compiled
@@ -863,13 +881,6 @@ class SGD(torch.optim.SGD):
         """
         return self._momentum_transport
 
-    @property
-    def momentum_transport_active(self) -> str:
-        """The transport the projection actually runs: "lazy" only on the fused path, once its
-        projector is built (the first projected step), with `momentum_transport = "lazy"` and no
-        family that needs eager transport (see `momentum_transport`); else "eager"."""
-        return "lazy" if self._projector and self._projector.lazy else "eager"
-
     @momentum_transport.setter
     def momentum_transport(self, value: str) -> None:
         if not (isinstance(value, str) and value in ("eager", "lazy")):
@@ -877,6 +888,13 @@ class SGD(torch.optim.SGD):
         self._momentum_transport = value
         if self._projector:
             self._projector.set_lazy(value == "lazy")
+
+    @property
+    def momentum_transport_active(self) -> str:
+        """The transport the projection actually runs: "lazy" only on the fused path, once its
+        projector is built (the first projected step), with `momentum_transport = "lazy"` and no
+        family that needs eager transport (see `momentum_transport`); else "eager"."""
+        return "lazy" if self._projector and self._projector.lazy else "eager"
 
     def sync_momentum(self) -> None:
         """Apply what a lazy projection owes the momentum buffers (see `momentum_transport`), so
@@ -907,8 +925,8 @@ class SGD(torch.optim.SGD):
     def _projector_carry(self) -> dict | None:
         """The symmetry projector's state that carries from step to step (`state()`), or the one a
         checkpoint gave that no projector has taken yet."""
-        proj = self._projector or self._tensor_projector
-        return proj.state() if proj else self._projector_state
+        proj = self._last_projector
+        return proj.state() if proj is not None else self._projector_state
 
     def _resume(self, proj) -> None:
         """Hand a loaded checkpoint's projector state to the projector about to run."""
@@ -930,6 +948,10 @@ class SGD(torch.optim.SGD):
             if proj_state is not None and not isinstance(proj_state, Mapping):
                 raise ValueError(f"malformed consopt projector state in the optimizer state dict: "
                                  f"{type(proj_state).__name__}")
+            if proj_state:
+                from .projection import _ColouredProjector
+
+                _ColouredProjector.check_state(proj_state)
         super().load_state_dict(state_dict)
         if self._tracker is not None:
             self._tracker.load(prepared)

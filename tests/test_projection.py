@@ -236,6 +236,33 @@ def test_matrix_family_with_a_dead_row_is_skipped_whole(mode):
             torch.testing.assert_close(p.detach(), before[n], rtol=0, atol=0, msg=n)
 
 
+@pytest.mark.parametrize("mode", ["symmetry", "euclidean", "batched"])
+def test_non_finite_translation_is_skipped_and_the_rest_projected(mode):
+    # the classifier's bias (the cross-entropy translation) holds an inf: that family is skipped
+    # and counted, the shift never spreads it, every other family lands
+    m, x, y, loss_fn, laws, _ = setup("cnn-bn")
+    h0 = laws.evaluate(m)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 1e-3)
+        m.fc.bias[1] = float("inf")
+    (trans,) = [f.name for f in laws if f.kind == "translation" and "fc" in f.params()[0]]
+    before = m.fc.bias.detach().clone()
+    if mode == "batched":  # (consopt.SGD's CPU path)
+        from consopt.projection import TensorProjector
+
+        stats = TensorProjector(laws, dict(m.named_parameters()))(h0)
+    else:
+        stats = project(laws, dict(m.named_parameters()), h0, mode)
+    assert stats.skipped == 1 and stats.converged
+    assert not any(torch.isnan(p).any() for p in m.parameters())
+    assert torch.equal(m.fc.bias.detach(), before)  # (no other family moves it)
+    vals, sc = laws.evaluate(m), laws.scale(m)
+    for k in vals:
+        if k != trans:
+            assert float(((vals[k] - h0[k]).abs() / sc[k].clamp_min(1e-300)).max()) <= DEV_TOL, k
+
+
 @pytest.mark.parametrize("mode", ["symmetry", "euclidean"])
 def test_non_finite_entry_is_skipped_and_stays_where_it_is(mode):
     m, x, y, loss_fn, laws, _ = setup("mlp")

@@ -932,10 +932,12 @@ def test_lazy_momentum_transport_is_bitwise_the_eager_one(name, dtype, monkeypat
 
 
 @pytest.mark.parametrize("name", ["attention", "llama"])
-def test_lazy_transport_next_to_matrix_actions_matches_eager_to_rounding(name):
+def test_lazy_transport_next_to_matrix_actions_matches_eager_to_rounding(name, monkeypatch):
     # the attention heads' matrix actions mix rows of in_proj / out_proj that the owed diagonal
     # factors (LayerNorm gains and their consumers' columns) do not scale along: they commute, and
-    # the lazy run follows the eager one to the rounding of composed factors (several rounds)
+    # the lazy run follows the eager one to the rounding of composed factors (several rounds: the
+    # eliminations, which land these blocks in one round, are off)
+    monkeypatch.setattr(FlatProjector, "eliminate", False)
     (me, ml), (oe, ol), x, y, loss_fn, laws = _twins(name)
     h0 = laws.evaluate(me)
     for _ in range(3):
@@ -1056,22 +1058,25 @@ def test_lazy_transport_with_a_forced_first_step_keeps_untouched_buffers():
         assert torch.equal(p, q) and torch.equal(oe.state[p]["momentum_buffer"], ol.state[q]["momentum_buffer"])
 
 
-def test_flat_projection_resumes_bitwise_from_a_checkpoint(tmp_path):
+@pytest.mark.parametrize("lr", [0.05, 1e-6])
+def test_flat_projection_resumes_bitwise_from_a_checkpoint(tmp_path, lr):
     # the relaxation, the cached Lyapunov bases and the skip flags one projected step hands to the
     # next travel in state_dict()["consopt"]["projector"]: a resumed run projects as the original
+    # (with lr 1e-6 the steps land within the tolerance: the resumed projector must take the
+    # step's own measurement as the original does, not the skip test)
     m, x, y, loss_fn, laws = setup("attention")
     m = m.float()
     lw = LawSet(laws.families, laws.param_shapes, params=dict(m.named_parameters()))
-    o = fused_sgd(m, lw, lr=0.05, momentum=0.9, projection="symmetry")
+    o = fused_sgd(m, lw, lr=lr, momentum=0.9, projection="symmetry")
     sgd_steps(m, o, x, y, loss_fn, 3)
     assert o._projector and o.projection_stats.converged
     torch.save({"model": m.state_dict(), "optim": o.state_dict()}, tmp_path / "ckpt.pt")
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    assert set(ckpt["optim"]["consopt"]["projector"]["bases"])  # attention heads: matrix families
+    assert set(ckpt["optim"]["consopt"]["projector"]["bases"]) or lr < 1e-3  # attention heads: matrix families
     m2 = copy.deepcopy(m)
     m2.load_state_dict(ckpt["model"])
     o2 = fused_sgd(m2, LawSet(laws.families, laws.param_shapes, params=dict(m2.named_parameters())),
-                   lr=0.05, momentum=0.9, projection="symmetry")
+                   lr=lr, momentum=0.9, projection="symmetry")
     o2.load_state_dict(ckpt["optim"])
     for _ in range(2):
         for model, opt in ((m, o), (m2, o2)):

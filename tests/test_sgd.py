@@ -861,10 +861,12 @@ def test_load_state_dict_with_other_laws_is_rejected_before_loading():
     del bad["consopt"]["h"]["rescale.fc1"]
     with pytest.raises(ValueError, match=r"'h' has no entry for law family 'rescale\.fc1'"):
         o4.load_state_dict(bad)
-    bad = copy.deepcopy(sd)
-    bad["consopt"]["projector"] = [1, 2]
-    with pytest.raises(ValueError, match="malformed consopt projector state"):
-        o4.load_state_dict(bad)
+    for proj_state in ([1, 2], {"colours": [["rescale.fc1"]], "fallback": []},
+                       {"colours": [], "fallback": [], "prev_rounds": 1, "bases": {"x": {}}}):
+        bad = copy.deepcopy(sd)
+        bad["consopt"]["projector"] = proj_state
+        with pytest.raises(ValueError, match="malformed consopt projector state"):
+            o4.load_state_dict(bad)
     assert o4.param_groups[0]["lr"] == 0.5 and not o4.state
 
 

@@ -743,3 +743,25 @@ def test_lazy_momentum_transport_is_eager_off_the_fused_path():
         assert opt.momentum_transport == transport and opt.momentum_transport_active == "eager"
         runs.append([t.clone() for p in mm.parameters() for t in (p.detach(), opt.state[p]["momentum_buffer"])])
     assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_translations_after_matrix_actions_and_the_predicted_coupling_cut_the_rounds():
+    """Two closed forms take what follows in the round into account (float64, tol 1e-12):
+    the heads' Newton steps the shifts of out_proj's rows and of the key bias
+    (`_matrix_eliminations`: the attention block lands in one round), and the norm gains'
+    rescale the heads' actions on the columns they scale (`_coupled_sums`: the Llama block).
+    Every variant lands on the same level set with the same function."""
+    for name, attr, on, off in (("attention", "eliminate", True, False), ("llama", "coupled_iters", 3, 0)):
+        m, x, y, loss_fn, laws, fmap, h0 = _stepped(name)
+        torch.manual_seed(7)
+        before = fmap(m(x)).detach()
+        rounds = {}
+        for value in (on, off):
+            mm, stats = _projected_copy(m, laws, h0, **{attr: value})
+            assert stats.converged and rel_dev(laws, mm, h0) <= DEV_TOL, (name, value)
+            torch.manual_seed(7)
+            assert float((fmap(mm(x)).detach() - before).norm() / before.norm()) <= 1e-10
+            rounds[value] = stats.rounds
+        assert rounds[on] < rounds[off], (name, rounds)
+        if name == "attention":
+            assert rounds[on] == 1
