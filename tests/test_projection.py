@@ -236,16 +236,24 @@ def test_matrix_family_with_a_dead_row_is_skipped_whole(mode):
             torch.testing.assert_close(p.detach(), before[n], rtol=0, atol=0, msg=n)
 
 
-@pytest.mark.parametrize("mode", ["symmetry", "euclidean", "batched"])
-def test_non_finite_translation_is_skipped_and_the_rest_projected(mode):
-    # the classifier's bias (the cross-entropy translation) holds an inf: that family is skipped
-    # and counted, the shift never spreads it, every other family lands
-    m, x, y, loss_fn, laws, _ = setup("cnn-bn")
+def _moved_with_an_inf(name, where):
+    """setup(name) with h0 at θ_0, then every parameter moved by ~1e-3 and the entry
+    `where(model)` = (tensor, index) set to inf: (model, laws, h0)."""
+    m, x, y, loss_fn, laws, _ = setup(name)
     h0 = laws.evaluate(m)
     with torch.no_grad():
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 1e-3)
-        m.fc.bias[1] = float("inf")
+        t, i = where(m)
+        t[i] = float("inf")
+    return m, laws, h0
+
+
+@pytest.mark.parametrize("mode", ["symmetry", "euclidean", "batched"])
+def test_non_finite_translation_is_skipped_and_the_rest_projected(mode):
+    # the classifier's bias (the cross-entropy translation) holds an inf: that family is skipped
+    # and counted, the shift never spreads it, every other family lands
+    m, laws, h0 = _moved_with_an_inf("cnn-bn", lambda m: (m.fc.bias, 1))
     (trans,) = [f.name for f in laws if f.kind == "translation" and "fc" in f.params()[0]]
     before = m.fc.bias.detach().clone()
     if mode == "batched":  # (consopt.SGD's CPU path)
@@ -265,12 +273,7 @@ def test_non_finite_translation_is_skipped_and_the_rest_projected(mode):
 
 @pytest.mark.parametrize("mode", ["symmetry", "euclidean"])
 def test_non_finite_entry_is_skipped_and_stays_where_it_is(mode):
-    m, x, y, loss_fn, laws, _ = setup("mlp")
-    h0 = laws.evaluate(m)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 1e-3)
-        m[0].weight[2, 1] = float("inf")
+    m, laws, h0 = _moved_with_an_inf("mlp", lambda m: (m[0].weight, (2, 1)))
     stats = project(laws, dict(m.named_parameters()), h0, mode)
     assert stats.skipped == 1
     assert float(m[0].weight.detach()[2, 1]) == float("inf")
