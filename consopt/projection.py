@@ -161,28 +161,29 @@ def _rescale(p, c, h0):
 _LYAP_INEXACT = 1e-3  # relative Lyapunov residual accepted from a cached eigenbasis (inexact Newton)
 
 
-def _pcg(matvec, b: torch.Tensor, pre: torch.Tensor, done, max_iter: int) -> torch.Tensor:
+def _pcg(matvec, b: torch.Tensor, pre: torch.Tensor, done, max_iter: int, check_every: int = 1) -> torch.Tensor:
     """Conjugate gradients on A x = b (A symmetric PSD, applied by `matvec`), preconditioned by
-    the diagonal `pre` (x ← pre·x), from x = 0: until `done(r)` holds for the residual r = b − Ax,
-    a direction of non-positive curvature turns up, or after `max_iter` products."""
+    the diagonal `pre` (x ← pre·x), from x = 0: until `done(r)` holds for the residual r = b − Ax
+    (asked every `check_every` iterations: the only host syncs, with the curvature's sign), a
+    direction of non-positive curvature turns up (no step along it), or after `max_iter` products."""
     x = torch.zeros_like(b)
     r = b.clone()
     z = pre * r
     q = z.clone()
-    rz = float(r @ z)
-    for _ in range(max_iter):
-        if done(r):
+    rz = (r * z).sum()
+    alive = torch.ones((), dtype=torch.bool, device=b.device)  # no non-positive curvature met yet
+    for it in range(max_iter):
+        if it % check_every == 0 and (done(r) or not bool(alive)):
             break
         Aq = matvec(q)
-        qAq = float(q @ Aq)
-        if qAq <= 0:
-            break
-        alpha = rz / qAq
+        qAq = (q * Aq).sum()
+        alive = alive & (qAq > 0)  # (from then on no step is taken)
+        alpha = torch.where(alive, rz / torch.where(qAq > 0, qAq, 1), 0)
         x = x + alpha * q
         r = r - alpha * Aq
         z = pre * r
-        rz_new = float(r @ z)
-        q = z + (rz_new / rz) * q
+        rz_new = (r * z).sum()
+        q = z + torch.where(rz > 0, rz_new / torch.where(rz > 0, rz, 1), 0) * q
         rz = rz_new
     return x
 
@@ -274,7 +275,7 @@ def _joint_rescale(p, c, h0, couplings, tol: float = 1e-14, newton: int = 30):
             break
         stop = max(tol / 10, 1e-3 * res)
         x = _pcg(lambda q: jv(q, ws, own) * okf, r, okf / diag.clamp_min(1e-300),  # J x = r
-                 lambda rr: float((rr.abs() / scale).max()) <= stop, 200)
+                 lambda rr: float((rr.abs() / scale).max()) <= stop, 200, check_every=4)
         big = float(x.abs().max()) if n else 0.0
         if big > 0.5:
             x = x * (0.5 / big)
