@@ -396,10 +396,19 @@ def _lyapunov(S, R, cache: dict | None = None, key=None, inexact: float = _LYAP_
     return basis.solve(R).reshape(shape), basis.tiny.reshape(shape)
 
 
+def _identity(g: torch.Tensor) -> torch.Tensor:
+    """bool [n, 1, 1]: which of the matrices g [n, r, r] are exactly the identity (a skipped
+    family's action: applied as no product at all, since 0 · inf would give NaN)."""
+    eye = torch.eye(g.shape[-1], dtype=g.dtype, device=g.device)
+    return (g == eye).flatten(1).all(1)[:, None, None]
+
+
 def _matrix_step(s: _Slices, h0, euclid: bool):
     pos, neg = s.sums()
     P = _gram(pos, True)
     C = _gram(neg, True) if neg else torch.zeros_like(P)
+    if not bool(torch.isfinite(P).all() and torch.isfinite(C).all()):
+        return False  # a non-finite slice: skipped and counted (a product would spread it)
     R = h0 - (P - C)
     R = (R + R.T) / 2
     X, tiny = _lyapunov(P + C, R)
@@ -1127,7 +1136,7 @@ class _ColouredProjector:
         order = diag + [i for i in range(len(fams)) if i not in in_diag] if self._joint else list(range(len(fams)))
         # a translation that shares a tensor with a matrix family comes after it in the sweep, where
         # the matrix action's Newton step can take the shift that follows into account
-        # (`_plan_matrix_elimination`): matrix families first among the rest
+        # (`_matrix_eliminations`): matrix families first among the rest
         order = [i for i in order if _kind(fams[i]) != "shift"] + [i for i in order if _kind(fams[i]) == "shift"]
         colour_of = {}
         colours = []
@@ -1325,13 +1334,13 @@ class _ColouredProjector:
                                        pos=self._T(pos), prod=torch.as_tensor(prod, device=self._dev),
                                        fslots=self._T(fslots), on=self._T(on), unit=self._T(u % nu),
                                        to_p=torch.as_tensor(u < nu, device=self._dev)))
-                out.append(dict(tables=self._mat_tables([by_f[n] for n in fams], self._measure), r=r,
-                                eig=self._plans[ci].setdefault("eig", {}), stacks=stacks))
+                out.append(dict(tables=self._mat_tables([by_f[n] for n in fams], self._measure), r=r, ci=ci,
+                                stacks=stacks))
         return out or None
 
     coupled_iters = 3  # inner iterations of the predicted diagonal / matrix coupling (`_coupled_sums`)
 
-    def _coupled_sums(self, plan: dict, v: torch.Tensor, H0: torch.Tensor, p, c, h0, omega: float) -> tuple:
+    def _coupled_sums(self, plan: dict, v: torch.Tensor, H0: torch.Tensor, p, c, h0) -> tuple:
         """(p, c) of colour 0's units with what the later colours' matrix actions will add to
         their sums of squares (`_plan_matrix_coupling`): the coupled linearised system, by a few
         inner Gauss–Seidel iterations on tiny tensors and one product per term and iteration,
@@ -1359,33 +1368,32 @@ class _ColouredProjector:
         for b in plan["mcouple"]:
             r = b["r"]
             P, C, h0m = self._grams(b["tables"], v, H0, r)
-            X, _ = _lyapunov(P + C, h0m - (P - C), b["eig"], r, self._lyap_tol)
-            pre.append((P, C, h0m, X))
+            eig = self._plans[b["ci"]].setdefault("eig", {})  # (the colour's own cache, looked up now:
+            X, _ = _lyapunov(P + C, h0m - (P - C), eig, r, self._lyap_tol)  # `load_state` replaces it)
+            pre.append((P, C, h0m, X, eig))
         dp = torch.zeros(n, dtype=torch.float64, device=dev)
         dc = torch.zeros(n, dtype=torch.float64, device=dev)
         for it in range(self.coupled_iters):
             F = None
-            if it:
+            if it:  # (unrelaxed: the prediction is of the coupled solution; ω relaxes the result)
                 a = _rescale(p + dp, c + dc, h0)[0]
-                if omega != 1.0:
-                    a = a.pow(omega)
                 F = torch.cat([one, a, 1 / a])[plan["F_src"]]
             dp, dc = torch.zeros_like(dp), torch.zeros_like(dc)
-            for b, ms, (P, C, h0m, X) in zip(plan["mcouple"], mats, pre):
+            for b, ms, (P, C, h0m, X, eig) in zip(plan["mcouple"], mats, pre):
                 r = b["r"]
                 if F is not None:  # the Grams after the units' factors, and the step's change by them
                     dR = torch.zeros_like(P)  # −(ΔP − ΔC): the right side's change (S's is second order)
                     for s, M in zip(b["stacks"], ms):
                         dG = torch.bmm(M * (F[s["fslots"]] ** 2 - 1).to(M.dtype)[:, None, :], M.mT).double()
                         dR = dR.index_add(0, s["pos"], torch.where(s["prod"][:, None, None], -dG, dG))
-                    basis = b["eig"].get(r)
+                    basis = eig.get(r)
                     if basis is not None and basis.U.shape == P.shape:
-                        X = X + basis.solve(dR)  # (the cached basis's exact inverse: no iterations)
+                        X = X + basis.solve(dR)  # (the cached basis's solver, S's change neglected: a guess)
                     else:
-                        X, _ = _lyapunov(P + C, h0m - (P - C) + dR, b["eig"], r, self._lyap_tol)
+                        X, _ = _lyapunov(P + C, h0m - (P - C) + dR, eig, r, self._lyap_tol)
                 eye = torch.eye(r, dtype=torch.float64, device=dev)
-                inv = torch.linalg.inv_ex(eye + omega * X)
-                E = torch.stack([omega * X, inv.inverse.mT - eye])  # producers: A − I, consumers: A⁻ᵀ − I
+                inv = torch.linalg.inv_ex(eye + X)
+                E = torch.stack([X, inv.inverse.mT - eye])  # producers: A − I, consumers: A⁻ᵀ − I
                 E = torch.where(torch.isfinite(E).flatten(2).all(2).all(0)[None, :, None, None]
                                 & (inv.info == 0)[None, :, None, None], E, 0)
                 for s, M in zip(b["stacks"], ms):
@@ -1399,17 +1407,21 @@ class _ColouredProjector:
         use = (p2 > 0) & (c2 >= 0)
         return torch.where(use, p2, p), torch.where(use, c2, c)
 
-    def _grams(self, m: dict, v: torch.Tensor, H0: torch.Tensor, r: int) -> tuple:
+    def _grams(self, m: dict, v: torch.Tensor, H0: torch.Tensor, r: int, plain: bool = False) -> tuple:
         """(P, C, h₀) [n, r, r] of a batch of matrix families from statistics `v`, with the
-        translations that follow them taken in (`_matrix_eliminations`)."""
+        translations that follow them taken in (`_matrix_eliminations`; not with `plain`, nor for
+        the families in m["plain"], whose eliminated Grams lost a direction: `_actions`)."""
         n = m["n"]
         P = v[m["P"]].view(n, r, r)
         C = v[m["C"]].view(n, r, r)
         h0m = H0[m["h0"]].view(n, r, r)
         el = m["elim"]
-        if el is not None:
+        if el is not None and not plain:
             s, t = v[el["v"]], H0[el["h0"]]
-            live = self._finite(el["finite"], v)[el["fam"]][:, None, None]  # (a skipped translation does not shift)
+            live = self._finite(el["finite"], v)[el["fam"]]  # (a skipped translation does not shift)
+            if m.get("plain") is not None:
+                live = live & ~m["plain"][el["pos"]]
+            live = live[:, None, None]
             ss = torch.where(live, s[:, :, None] * s[:, None, :] / el["K"][:, None, None], 0)
             tt = torch.where(live, t[:, :, None] * t[:, None, :] / el["K"][:, None, None], 0)
             zero = torch.zeros_like(ss)
@@ -1769,7 +1781,7 @@ class _ColouredProjector:
                 use = (p2 > 1e-12 * p) & (c2 >= 0)  # (Q − S²/U ≥ 0 up to rounding; else as before)
                 p, c, h0 = torch.where(use, p2, p), torch.where(use, c2.clamp_min(0), c), torch.where(use, h0 + dh, h0)
             if plan.get("mcouple") is not None:  # the matrix actions that follow, predicted
-                p, c = self._coupled_sums(plan, v, H0, p, c, h0, omega)
+                p, c = self._coupled_sums(plan, v, H0, p, c, h0)
             joint = bool(plan["couple"])
             if joint:  # coupled units already on the level set move by ≤ tol/10 either way: closed form
                 cu = plan["coupled_units"]
@@ -1789,7 +1801,11 @@ class _ColouredProjector:
             n = m["n"]
             P, C, h0m = self._grams(m, v, H0, r)  # (the translations that follow, in closed form)
             eye = torch.eye(r, dtype=torch.float64, device=dev)
-            good = torch.ones(n, dtype=torch.bool, device=dev)
+            # a non-finite Gram (an inf in a slice): the family is skipped, its step is I
+            fin = (torch.isfinite(P) & torch.isfinite(C) & torch.isfinite(h0m)).flatten(1).all(1)[:, None, None]
+            P, C, h0m = torch.where(fin, P, eye), torch.where(fin, C, 0), torch.where(fin, h0m, eye)
+            good = fin.reshape(n)
+            cache = plan.setdefault("eig", {})
             # the Grams move exactly with the action (P → A P Aᵀ, C → A⁻ᵀ C A⁻¹), so further Newton
             # steps need no measurement: up to `matrix_newton` of them, composed, then applied once
             # (one step leaves ~res², above float32's tolerance from a drift of 1e-3)
@@ -1797,7 +1813,18 @@ class _ColouredProjector:
             Gr = None  # [A; A⁻ᵀ] of the steps so far, composed
             for it in range(steps):
                 # (_lyapunov symmetrises S and R in its basis)
-                X, tiny = _lyapunov(P + C, h0m - (P - C), plan.setdefault("eig", {}), r, self._lyap_tol)
+                X, tiny = _lyapunov(P + C, h0m - (P - C), cache, r, self._lyap_tol)
+                if it == 0 and m["elim"] is not None and cache.get(r) is not None and cache[r].dropped:
+                    # (known on the host: only a fresh decomposition drops directions) the eliminated
+                    # Grams (M Mᵀ − s sᵀ/K) may have lost a direction the plain ones have: such families
+                    # take the plain Grams, from now on
+                    P0, C0, h00 = self._grams(m, v, H0, r, plain=True)
+                    X0, tiny0 = _lyapunov(P0 + C0, h00 - (P0 - C0))
+                    lost = tiny.flatten(1).any(1) & ~tiny0.flatten(1).any(1) & fin.reshape(n)
+                    m["plain"] = lost if m.get("plain") is None else m["plain"] | lost
+                    w = lost[:, None, None]
+                    X, tiny = torch.where(w, X0, X), torch.where(w, tiny0, tiny)
+                    P, C, h0m = torch.where(w, P0, P), torch.where(w, C0, C), torch.where(w, h00, h0m)
                 A = eye + (X if omega == 1.0 else omega * X)
                 inv = torch.linalg.inv_ex(A)
                 # a singular or non-finite step is not taken (the family is skipped this round)
@@ -2272,17 +2299,20 @@ class FlatProjector(_ColouredProjector):
             if mm["strided"] is not None:  # the slices as one strided view: no index gather
                 size, stride, off = mm["strided"]
                 g4 = g.view(size[0], size[1], mm["r"], mm["r"])
+                i4 = _identity(g).view(size[0], size[1], 1, 1)
                 for buf in (b.param, b.mom):
                     if buf is not None:
                         x = buf.as_strided(size, stride, buf.storage_offset() + off)
-                        x.copy_((g4 @ x.to(torch.float64)).to(buf.dtype))
+                        x64 = x.to(torch.float64)
+                        x.copy_(torch.where(i4, x64, g4 @ x64).to(buf.dtype))
                 continue
             idx = (mm["bases"] + mm["q"]).reshape(-1)
+            ident = _identity(g)
             for buf in (b.param, b.mom):
                 if buf is None:
                     continue
                 x = buf[idx].view(g.shape[0], mm["r"], -1).to(torch.float64)
-                buf.index_put_((idx,), (g @ x).reshape(-1).to(buf.dtype))
+                buf.index_put_((idx,), torch.where(ident, x, g @ x).reshape(-1).to(buf.dtype))
         if plan.get("remeasure") is not None:  # (a colour of translations only: no matrix actions)
             return self._remeasure(plan["remeasure"])
         return None
@@ -2466,6 +2496,7 @@ class TensorProjector(_ColouredProjector):
             if r not in eye:
                 eye[r] = torch.eye(r, dtype=torch.float64, device=F.device)
             g = G[r][mm["sel"]] - eye[r]  # x + (g − I) x in x's dtype: the small correction carries the rounding
+            moved = ~_identity(G[r][mm["sel"]])  # (a skipped family's I: no product, which would turn inf into NaN)
             for x in (self.params_by_name[mm["name"]].detach(), self._bufs.get(mm["name"])):
                 if x is None:
                     continue
@@ -2477,10 +2508,10 @@ class TensorProjector(_ColouredProjector):
                     except RuntimeError:  # trailing dimensions that do not merge into one
                         blk = None
                     if blk is not None:
-                        blk.add_(gx @ blk)
+                        blk.add_(torch.where(moved, gx @ blk, 0))
                         continue
                 y = view.index_select(0, mm["idx"]).reshape(mm["n"], r, -1)
-                view.index_copy_(0, mm["idx"], (y + gx @ y).reshape((-1,) + tuple(view.shape[1:])))
+                view.index_copy_(0, mm["idx"], (y + torch.where(moved, gx @ y, 0)).reshape((-1,) + tuple(view.shape[1:])))
 
 
 def _native_scale_ok(p: torch.Tensor, m) -> bool:

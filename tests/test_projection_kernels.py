@@ -194,6 +194,20 @@ def test_matrix_kernel_matches_the_torch_matmul(dtype):
         P2 = p.clone()  # without momentum
         launch_matrix_apply(P2, None, mats.to(DEV), table, r)
         assert torch.equal(P2, P)
+    # a skipped family's action is the identity: its slice is stored as it was, an inf included
+    # (a product would give 0 · inf = NaN in every other row), next to a slice that does move
+    r, si, sj, S = 5, 1, 13, 11
+    mats = torch.stack([torch.eye(r, dtype=torch.float64),
+                        torch.eye(r, dtype=torch.float64) + 0.3 * torch.randn(r, r, generator=gen, dtype=torch.float64)])
+    P = p.clone()
+    P[60 + 2 * si + 3 * sj] = float("inf")
+    before = P.clone()
+    table = torch.tensor(matrix_rows([60, 700], [0, 1], r, si, sj, S), dtype=torch.int64).to(DEV)
+    launch_matrix_apply(P, None, mats.to(DEV), table, r)
+    idx0 = (60 + torch.arange(r)[:, None] * si + torch.arange(S)[None, :] * sj).reshape(-1).to(DEV)
+    idx1 = (700 + torch.arange(r)[:, None] * si + torch.arange(S)[None, :] * sj).reshape(-1).to(DEV)
+    assert torch.equal(P[idx0], before[idx0]) and not bool(torch.isnan(P).any())
+    assert not torch.equal(P[idx1], before[idx1])
 
 
 def mse(o, t):

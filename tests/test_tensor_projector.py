@@ -765,3 +765,57 @@ def test_translations_after_matrix_actions_and_the_predicted_coupling_cut_the_ro
         assert rounds[on] < rounds[off], (name, rounds)
         if name == "attention":
             assert rounds[on] == 1
+
+
+def test_an_elimination_that_would_lose_a_direction_falls_back_to_the_plain_grams():
+    # Linear(1→3) → Linear(3→2), no bias, cross-entropy: the consumer Gram minus the shift's
+    # s sᵀ/K (K = 2 rows) has rank 1, so S = P + C loses a direction the plain S has; such a family
+    # takes the plain Grams and still lands (it is not skipped)
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(1, 3, bias=False), torch.nn.Linear(3, 2, bias=False)).double()
+    x = torch.randn(8, 1, dtype=torch.float64)
+    laws = consopt.find_laws(m, (x,), loss="cross_entropy")
+    h0 = laws.evaluate(m)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    before = m(x).softmax(-1)
+    stats = TensorProjector(laws, dict(m.named_parameters()))(h0)
+    assert stats.converged and stats.skipped == 0
+    assert rel_dev(laws, m, h0) <= DEV_TOL
+    torch.testing.assert_close(m(x).softmax(-1), before, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("norm_first", [True, False])
+def test_resume_with_the_predicted_coupling_is_bitwise(norm_first, tmp_path):
+    # a LayerNorm feeding the heads: colour 0's prediction solves on the heads' cached bases,
+    # which travel in the checkpoint; the resumed run repeats the original bit for bit
+    torch.manual_seed(0)
+    x = torch.randn(4, 5, 16, dtype=torch.float64)
+    y = torch.randn(4, 5, 16, dtype=torch.float64)
+    model = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True,
+                                             norm_first=norm_first).double()
+    laws = consopt.find_laws(model, (x,))
+
+    def step(m, o, i):
+        o.zero_grad()
+        xi = x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(i), dtype=x.dtype)
+        ((m(xi) - y) ** 2).mean().backward()
+        o.step()
+
+    opt = consopt.SGD(model.parameters(), lr=0.05, momentum=0.9, laws=laws, projection="symmetry")
+    for i in range(4):
+        step(model, opt, i)
+    assert opt._tensor_projector._plans[0].get("mcouple") is not None or not norm_first
+    torch.save({"m": model.state_dict(), "o": opt.state_dict()}, tmp_path / "ck.pt")
+    ck = torch.load(tmp_path / "ck.pt", weights_only=True)
+    m2 = copy.deepcopy(model)
+    m2.load_state_dict(ck["m"])
+    o2 = consopt.SGD(m2.parameters(), lr=0.05, momentum=0.9, laws=copy.deepcopy(laws).bind(m2), projection="symmetry")
+    o2.load_state_dict(ck["o"])
+    for i in range(4, 8):
+        step(model, opt, i)
+        step(m2, o2, i)
+        assert opt.projection_stats == o2.projection_stats
+        assert all(torch.equal(a, b) for a, b in zip(model.parameters(), m2.parameters()))
+        assert all(torch.equal(v, o2.deviation()[k]) for k, v in opt.deviation().items())

@@ -185,15 +185,16 @@ def launch_symmetry_apply(p_flat, m_flat, factors, table, *, coef=None, rowtab=N
 
 
 @triton.jit
-def _matrix_tile(B, A, off, mask, BF16: tl.constexpr, HALF: tl.constexpr, F64: tl.constexpr):
+def _matrix_tile(B, A, off, mask, ident, BF16: tl.constexpr, HALF: tl.constexpr, F64: tl.constexpr):
     """B[off] ← A · B[off] for one [R, BS] block: widened exactly to float64 (16-bit elements
     through 32-bit words, see _load16_f64), a float64 tl.dot, rounded once to the element type
-    (fp16/bf16 through fp32, as torch's .to() does)."""
+    (fp16/bf16 through fp32, as torch's .to() does). Where A is the identity (`ident`: a skipped
+    family) the block is stored as it was: the product would turn an inf into NaNs (0 · inf)."""
     if HALF:
         x = _load16_f64(B, off, mask, BF16)
     else:
         x = tl.load(B + off, mask=mask, other=0).to(tl.float64)
-    st, _y = _round_store(_ct(tl.dot(A, x), F64), B, BF16, F64)
+    st, _y = _round_store(_ct(tl.where(ident, x, tl.dot(A, x)), F64), B, BF16, F64)
     tl.store(B + off, st, mask=mask)
 
 
@@ -211,14 +212,16 @@ def matrix_apply_kernel(P, M, G, TAB, r, NC: tl.constexpr, R: tl.constexpr, BS: 
     ri = tl.arange(0, R)
     rm = ri < r
     A = tl.load(G + go + ri[:, None] * r + ri[None, :], mask=rm[:, None] & rm[None, :], other=0.0)
+    eye = tl.where((ri[:, None] == ri[None, :]) & rm[:, None], 1.0, 0.0)
+    ident = tl.max(tl.max(tl.abs(A - eye), axis=1), axis=0) == 0
     cs = tl.arange(0, BS)
     for c in range(c0, c1, BS):
         cols = c + cs
         mask = rm[:, None] & (cols < c1)[None, :]
         off = base + ri[:, None] * si + cols[None, :] * sj
-        _matrix_tile(P, A, off, mask, BF16, HALF, F64)
+        _matrix_tile(P, A, off, mask, ident, BF16, HALF, F64)
         if HAS_M:
-            _matrix_tile(M, A, off, mask, BF16, HALF, F64)
+            _matrix_tile(M, A, off, mask, ident, BF16, HALF, F64)
 
 
 def matrix_rows(bases, sels, r: int, si: int, sj: int, S: int, tile: int = MATRIX_TILE) -> list:
