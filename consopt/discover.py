@@ -292,8 +292,11 @@ def _linear(w: _Walk, node):
         return None
     _consume_last(w, x, W, 1, node)
     shape = w.shape(node)
-    ids, out = w.new_out(shape[-1], GL, shape, len(shape) - 1)
     B = w.param(bias, node) if bias is not None else None
+    # a bias that is not a parameter itself (a slice of one, as nn.MultiheadAttention's packed
+    # in_proj_bias with kdim ≠ embed_dim, or a buffer) adds what no law term follows: no law
+    level = NONE if bias is not None and B is None else GL
+    ids, out = w.new_out(shape[-1], level, shape, len(shape) - 1)
     w.add_producers(node, ids, [(W, 0), (B, 0)])
     w.producers.append(dict(node=node, W=W, w_axis=0, B=B, dim=len(shape) - 1, n=shape[-1], kind="linear"))
     return out
@@ -336,8 +339,10 @@ def _conv(w: _Walk, node):
                 _consume_dim(w, x, W, 1, 1, groups=groups)
         else:
             w.break_all(node)
-    ids, out = w.new_out(shape[1], level, shape, 1)
     B = w.param(bias, node) if bias is not None else None
+    if bias is not None and B is None:  # (a bias that is not a parameter: see `_linear`)
+        level = NONE
+    ids, out = w.new_out(shape[1], level, shape, 1)
     w.add_producers(node, ids, [(W, out_axis), (B, 0)])
     w.producers.append(dict(node=node, W=W, w_axis=out_axis, B=B, dim=1, n=shape[1], kind="conv"))
     return out

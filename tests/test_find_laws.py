@@ -100,6 +100,33 @@ def test_multihead_attention_count_and_values(bias, batch_first):
         torch.testing.assert_close(v[vo.name], vv @ vv.T - o.T @ o, rtol=1e-13, atol=1e-13)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_multihead_attention_with_other_key_and_value_widths(bias):
+    # kdim, vdim ≠ embed_dim: separate q/k/v weights, and the biases are slices of the packed
+    # in_proj_bias, which no law term can follow: with them, no head law is claimed (a wrong law
+    # is worse than a missing one); without them, the per-head laws hold
+    class Cross(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.MultiheadAttention(8, 2, bias=bias, kdim=5, vdim=3, batch_first=True)
+
+        def forward(self, x, z1, z2):
+            return self.a(x, z1, z2, need_weights=False)[0]
+
+    torch.manual_seed(0)
+    m = Cross()
+    if bias:
+        with torch.no_grad():
+            m.a.in_proj_bias.normal_()
+    inputs = (torch.randn(3, 4, 8), torch.randn(3, 6, 5), torch.randn(3, 6, 3))
+    laws, cos = check(m, inputs, torch.randn(3, 4, 8))  # every claimed law conserved
+    kd = kinds(laws)
+    if bias:
+        assert "attention_qk" not in kd and "attention_vo" not in kd
+    else:
+        assert len(kd["attention_qk"]) == 2 and len(kd["attention_vo"]) == 2
+
+
 def test_conv_relu_conv_count():
     m = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 4, 3))
     laws, _ = check(m, (torch.randn(2, 3, 9, 9),), torch.randn(2, 4, 5, 5))
