@@ -412,7 +412,7 @@ def add_profile_parser(sub):
     p = sub.add_parser("profile", help="drift of every conservation law vs learning rate (the main job)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="default", choices=sorted(PRESETS),
-                   help="default: resnet+transformer, 4 lrs, 3 seeds, 50 steps (CPU, < 3 min); quick: tiny MLP; "
+                   help="default: resnet+transformer, 4 lrs, 3 seeds, 50 steps (CPU, about 20–30 s on 2 cores); quick: tiny MLP; "
                         "paper: the ICML 2025 SGD design (ResNet-18, lr 1e-3..5e-3, 10 seeds; GPU)")
     p.add_argument("--models", help=f"comma-separated built-in models ({', '.join(BUILTIN)})")
     p.add_argument("--model", help="a user model: package.module:factory returning (model, inputs, targets) "
