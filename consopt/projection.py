@@ -396,6 +396,17 @@ def _lyapunov(S, R, cache: dict | None = None, key=None, inexact: float = _LYAP_
     return basis.solve(R).reshape(shape), basis.tiny.reshape(shape)
 
 
+def _newton_action(Xw: torch.Tensor, eye: torch.Tensor) -> tuple:
+    """([A; A⁻ᵀ] [2n, r, r], bad [n]) of the steps A = I + Xw of a batch: producers move by A,
+    consumers by A⁻ᵀ; a singular or non-finite step is not taken (I in its place, flagged bad)."""
+    n = Xw.shape[0]
+    A = eye + Xw
+    inv = torch.linalg.inv_ex(A)
+    step = torch.cat([A, inv.inverse.mT])
+    bad = (inv.info != 0) | ~torch.isfinite(step.view(2, n, -1)).all(2).all(0)
+    return torch.where(bad.repeat(2)[:, None, None], eye, step), bad
+
+
 def _identity(g: torch.Tensor) -> torch.Tensor:
     """bool [n, 1, 1]: which of the matrices g [n, r, r] are exactly the identity (a skipped
     family's action: applied as no product at all, since 0 · inf would give NaN)."""
@@ -1392,10 +1403,9 @@ class _ColouredProjector:
                     else:
                         X, _ = _lyapunov(P + C, h0m - (P - C) + dR, eig, r, self._lyap_tol)
                 eye = torch.eye(r, dtype=torch.float64, device=dev)
-                inv = torch.linalg.inv_ex(eye + X)
-                E = torch.stack([X, inv.inverse.mT - eye])  # producers: A − I, consumers: A⁻ᵀ − I
-                E = torch.where(torch.isfinite(E).flatten(2).all(2).all(0)[None, :, None, None]
-                                & (inv.info == 0)[None, :, None, None], E, 0)
+                step, bad = _newton_action(X, eye)
+                # producers: A − I, consumers: A⁻ᵀ − I (0 for a step not taken)
+                E = torch.stack([torch.where(bad[:, None, None], 0, X), step[X.shape[0]:] - eye])
                 for s, M in zip(b["stacks"], ms):
                     Es = torch.where(s["prod"][:, None, None], E[0][s["pos"]], E[1][s["pos"]]).to(M.dtype)
                     EM = torch.bmm(Es, M)
@@ -1418,7 +1428,7 @@ class _ColouredProjector:
         el = m["elim"]
         if el is not None and not plain:
             s, t = v[el["v"]], H0[el["h0"]]
-            live = self._finite(el["finite"], v)[el["fam"]]  # (a skipped translation does not shift)
+            live = self._finite_in(el["finite"], v)[el["fam"]]  # (a skipped translation does not shift)
             if m.get("plain") is not None:
                 live = live & ~m["plain"][el["pos"]]
             live = live[:, None, None]
@@ -1433,16 +1443,21 @@ class _ColouredProjector:
     def _finite_tables(self, fams: list, st: _Stats) -> dict:
         """Index tables telling, from statistics `st`, whether each of the translation families
         `fams` has only finite values (a family with a non-finite one is skipped, so an
-        elimination must not expect its shift): `_finite`."""
+        elimination must not expect its shift): `_finite_in`."""
         sizes = [math.prod(self._shape[g.name]) for g in fams]
         return dict(v=self._T(np.concatenate([st.index(g, "", n) for g, n in zip(fams, sizes)])),
                     fam=self._T(np.repeat(np.arange(len(fams)), sizes)), n=len(fams))
 
+    def _finite_in(self, tab: dict, v: torch.Tensor) -> torch.Tensor:
+        """bool [families]: every value in `v` of the families of `_finite_tables` finite."""
+        return self._finite(v[tab["v"]], tab["fam"], tab["n"])
+
     @staticmethod
-    def _finite(tab: dict, v: torch.Tensor) -> torch.Tensor:
-        """bool [families]: every value of the family finite (`_finite_tables`)."""
-        bad = torch.zeros(tab["n"], dtype=torch.float64, device=v.device)
-        return bad.index_add(0, tab["fam"], (~torch.isfinite(v[tab["v"]])).double()) == 0
+    def _finite(x: torch.Tensor, fam: torch.Tensor, n: int) -> torch.Tensor:
+        """bool [n]: whether every value x[i] of family fam[i] is finite (with `_finite_tables`:
+        x = v[tab["v"]], fam = tab["fam"], n = tab["n"])."""
+        bad = torch.zeros(n, dtype=torch.float64, device=x.device)
+        return bad.index_add(0, fam, (~torch.isfinite(x)).double()) == 0
 
     def _shift_terms(self, f: Family) -> list:
         """Per term of translation family f: (key, axis, idx, sign, K, col, coef) — K entries per
@@ -1770,7 +1785,7 @@ class _ColouredProjector:
             el = plan.get("elim")
             if el is not None:  # the translations of later colours, in closed form (`_plan_elimination`)
                 n = p.numel()
-                live = self._finite(el["finite"], v)[el["fam"]]  # (a skipped translation does not shift)
+                live = self._finite_in(el["finite"], v)[el["fam"]]  # (a skipped translation does not shift)
                 sq = torch.where(live, v[el["v"]] ** 2 / el["rows"], 0)
                 t2 = torch.where(live, H0[el["h0"]] ** 2 / el["rows"], 0)
                 z = torch.zeros(n, dtype=torch.float64, device=dev)
@@ -1825,12 +1840,8 @@ class _ColouredProjector:
                     w = lost[:, None, None]
                     X, tiny = torch.where(w, X0, X), torch.where(w, tiny0, tiny)
                     P, C, h0m = torch.where(w, P0, P), torch.where(w, C0, C), torch.where(w, h00, h0m)
-                A = eye + (X if omega == 1.0 else omega * X)
-                inv = torch.linalg.inv_ex(A)
-                # a singular or non-finite step is not taken (the family is skipped this round)
-                step = torch.cat([A, inv.inverse.mT])
-                bad = (inv.info != 0) | ~torch.isfinite(step.view(2, n, r * r)).all(2).all(0)
-                step = torch.where(bad.repeat(2)[:, None, None], eye, step)
+                # (a singular or non-finite step is not taken: the family is skipped this round)
+                step, bad = _newton_action(X if omega == 1.0 else omega * X, eye)
                 good = good & ~tiny.flatten(1).any(1) & ~bad
                 Gr = step if Gr is None else torch.bmm(step, Gr)
                 if it + 1 < steps:
@@ -1843,8 +1854,7 @@ class _ColouredProjector:
         if sh is not None:
             D = H0[sh["h0"]] - v[sh["v"]]
             # a family with a non-finite value is skipped and counted (its shift would spread it)
-            bad = torch.zeros(sh["n"], dtype=torch.float64, device=dev).index_add(0, sh["fam"], (~torch.isfinite(D)).double())
-            good = bad == 0
+            good = self._finite(D, sh["fam"], sh["n"])
             ok[sh["ok"]] = good
             D = torch.where(good[sh["fam"]], D, torch.zeros((), dtype=D.dtype, device=dev))
         return F, G, D
