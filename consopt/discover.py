@@ -19,6 +19,10 @@ labels; its law is the Noether charge Σ W̃W̃ᵀ − Σ WᵀW of the largest g
 absorbed by LayerNorm or softmax cross-entropy, a per-channel bias shift absorbed by BatchNorm)
 and approximate scale laws come from a second, forward propagation of symbolic shifts/scales.
 When in doubt, a rule restricts to nothing: a wrong law is worse than a missing one.
+
+A producer's weight may be a block of a parameter's rows (a split of a packed projection, as
+cross-attention's q | kv): its terms sit at those rows. A parameter that reaches an op by a path
+no rule follows, or whose uses overlap (tied weights), keeps no law.
 """
 
 from __future__ import annotations
@@ -145,7 +149,12 @@ class _Walk:
         self.param_of = param_of  # placeholder node name -> parameter FQN
         self.ch = _Channels()
         self.tags = {}  # node -> tag tensor | tuple | None
-        self.param_users = defaultdict(set)
+        self.param_users = defaultdict(set)  # parameter -> ops that use it whole
+        self.row_users = defaultdict(list)  # parameter -> [(op, first row, end row)]: packed slices
+        self.views = {}  # node -> (parameter, first row, rows), or a tuple of them (a split)
+        self.untracked = set()  # parameters some op uses in a way no rule follows
+        self._param_shapes = {param_of[n.name]: tuple(n.meta["val"].shape) for n in gm.graph.nodes
+                              if n.op == "placeholder" and n.name in param_of}
         self.unknown = defaultdict(int)
         self.notes = []
         self.producers = []  # dicts: node, W, w_axis, B, dim, n, kind (for translation/scale laws)
@@ -168,6 +177,29 @@ class _Walk:
                 self.param_users[name].add(node.name)
             return name
         return None
+
+    def param_rows(self, arg, node):
+        """(parameter, first row, whole) for a parameter or a block of its rows (a split of a
+        packed weight, as nn.MultiheadAttention's cross-attention q | kv); (None, 0, True) else."""
+        P = self.param(arg, node)
+        if P is not None:
+            return P, 0, True
+        v = self.views.get(arg) if isinstance(arg, torch.fx.Node) else None
+        if v is None or isinstance(v, tuple) and isinstance(v[0], tuple):
+            return None, 0, True
+        P, start, n = v
+        self.row_users[P].append((node.name, start, start + n))
+        return P, start, n == self._param_shapes[P][0]
+
+    def tied(self) -> set:
+        """Parameters whose laws are dropped: used by several ops (tied or reused, or two
+        overlapping row blocks), or by an op no rule follows."""
+        out = set(self.untracked)
+        for P in set(self.param_users) | set(self.row_users):
+            whole, rows = self.param_users.get(P, ()), sorted(self.row_users.get(P, ()), key=lambda u: u[1])
+            if len(whole) + bool(rows) > 1 or any(b[1] < a[2] for a, b in zip(rows, rows[1:])):
+                out.add(P)
+        return out
 
     def is_tensor_node(self, arg):
         return isinstance(arg, torch.fx.Node) and torch.is_tensor(arg.meta.get("val"))
@@ -194,9 +226,12 @@ class _Walk:
         return ids, ids.reshape(view)
 
     def add_producers(self, node, ids, params_axes):
-        for p, axis in params_axes:
+        """Channel i owns slice i (+ the first row of a row block) of each (param, axis[, first])."""
+        for p, axis, *first in params_axes:
             if p is not None:
-                self.ch.term(ids, None, p, axis, +1)
+                start = first[0] if first else 0
+                pos = None if not start else (np.ones(len(ids), np.int64), np.arange(start, start + len(ids)))
+                self.ch.term(ids, pos, p, axis, +1)
 
     # -- main loop --------------------------------------------------------------------------
     def run(self):
@@ -218,9 +253,32 @@ class _Walk:
             else:
                 self.break_all(node)
                 self.tags[node] = None
-        for name, users in self.param_users.items():
-            if len(users) > 1:
-                self.notes.append(f"parameter {name} is used by {len(users)} ops (tied or reused): its laws are dropped")
+        self._check_uses()
+        for name in sorted(self.tied() - self.untracked):
+            n = len(self.param_users.get(name, ())) + len(self.row_users.get(name, ()))
+            self.notes.append(f"parameter {name} is used by {n} ops (tied or reused): its laws are dropped")
+
+    def _check_uses(self):
+        """A parameter that reaches an op no rule follows (tanh(W), a penalty on W, W.t() @ x)
+        breaks the symmetries of its laws, whatever its other uses: mark it untracked."""
+        followed = defaultdict(set)
+        for P, users in self.param_users.items():
+            followed[P] |= users
+        for P, users in self.row_users.items():
+            followed[P] |= {u for u, _, _ in users}
+
+        def ok(node, P):
+            if node.name in followed[P]:
+                return True
+            return node in self.views and all(ok(u, P) for u in node.users)
+
+        for node in self.gm.graph.nodes:
+            P = self.param_of.get(node.name) if node.op == "placeholder" else None
+            if P is not None and not all(ok(u, P) for u in node.users):
+                bad = next(u for u in node.users if not ok(u, P))
+                self.untracked.add(P)
+                self.notes.append(f"parameter {P} is also used by {bad.name} ({_opname(bad.target)}), which no "
+                                  "law follows: its laws are dropped")
 
 
 def _opname(target) -> str:
@@ -286,19 +344,25 @@ def _consume_dim(w: _Walk, x, W: str, axis: int, dim: int, repeat: int = 1, grou
 def _linear(w: _Walk, node):
     x, weight = node.args[0], node.args[1]
     bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-    W = w.param(weight, node)
+    W, w0, whole = w.param_rows(weight, node)
     if W is None:
         w.break_all(node)
         return None
-    _consume_last(w, x, W, 1, node)
+    if whole:
+        _consume_last(w, x, W, 1, node)
+    else:  # a column of a row block is no whole column of W: no consumer term can say it
+        t = w.tag(x)
+        if t is not None:
+            w.ch.restrict(t, NONE)
     shape = w.shape(node)
-    B = w.param(bias, node) if bias is not None else None
-    # a bias that is not a parameter itself (a slice of one, as nn.MultiheadAttention's packed
-    # in_proj_bias with kdim ≠ embed_dim, or a buffer) adds what no law term follows: no law
+    B, b0, _ = w.param_rows(bias, node) if bias is not None else (None, 0, True)
+    # a bias that is not (a row block of) a parameter, e.g. a buffer, adds what no law term
+    # follows: no law
     level = NONE if bias is not None and B is None else GL
     ids, out = w.new_out(shape[-1], level, shape, len(shape) - 1)
-    w.add_producers(node, ids, [(W, 0), (B, 0)])
-    w.producers.append(dict(node=node, W=W, w_axis=0, B=B, dim=len(shape) - 1, n=shape[-1], kind="linear"))
+    w.add_producers(node, ids, [(W, 0, w0), (B, 0, b0)])
+    w.producers.append(dict(node=node, W=W, w_axis=0, B=B, dim=len(shape) - 1, n=shape[-1], kind="linear",
+                            w0=w0, b0=b0))
     return out
 
 
@@ -523,7 +587,51 @@ def apply_layout(node, get_tag, get_shape):
     return _compress(out) if _is_tagged(out) else None
 
 
+_ROW_SPLITS = ("split", "split_with_sizes", "chunk", "tensor_split", "unsafe_split", "unsafe_chunk")
+
+
+def _row_view(w: _Walk, node):
+    """Record blocks of a parameter's rows (dim 0) cut by split/chunk/slice/narrow: each block
+    is its own producer (nn.MultiheadAttention's q and kv of the packed in_proj_weight)."""
+    x = node.args[0]
+    if not isinstance(x, torch.fx.Node):
+        return
+    P = w.param(x)
+    base = (P, 0, w._param_shapes[P][0]) if P is not None and w._param_shapes[P] else w.views.get(x)
+    if base is None or isinstance(base[0], tuple):
+        return
+    P, first, rows = base
+    name, ndim = _opname(node.target), len(w.shape(x))
+    val = node.meta.get("val")
+    if name in _ROW_SPLITS:
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+        if dim % ndim or not isinstance(val, (tuple, list)):
+            return
+        sizes = [int(v.shape[0]) for v in val]
+        if sum(sizes) != rows:
+            return
+        starts = np.cumsum([0] + sizes[:-1]).tolist()
+        w.views[node] = tuple((P, first + a, n) for a, n in zip(starts, sizes))
+    elif name in ("slice", "narrow") and torch.is_tensor(val):
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        if dim % ndim:
+            return
+        if name == "slice":
+            step = node.args[4] if len(node.args) > 4 else node.kwargs.get("step", 1)
+            start = node.args[2] if len(node.args) > 2 else node.kwargs.get("start", 0)
+            if step != 1 or not isinstance(start, (int, type(None))):
+                return
+            start = start or 0
+        else:
+            start = node.args[2]
+            if not isinstance(start, int):
+                return
+        start = max(0, start + rows if start < 0 else min(start, rows))
+        w.views[node] = (P, first + start, int(val.shape[0]))
+
+
 def _layout(w: _Walk, node):
+    _row_view(w, node)
     if not w.tagged_inputs(node):
         val = node.meta.get("val")
         return (None,) * len(val) if isinstance(val, (tuple, list)) else None
@@ -548,6 +656,9 @@ for _n in LAYOUT_OPS:
 @rule("getitem")
 def _getitem(w: _Walk, node):
     src, i = node.args
+    v = w.views.get(src)
+    if isinstance(v, tuple) and isinstance(v[0], tuple) and i < len(v):
+        w.views[node] = v[i]
     t = w.tags.get(src)
     if isinstance(t, tuple):
         return t[i] if i < len(t) else None
@@ -928,7 +1039,7 @@ def _resolve(walk: _Walk, param_order: dict):
     bad_roots = set(np.unique(R[dup]).tolist())  # one entry claimed twice by one slice
     starts = np.nonzero(change)[0]
     ends = np.r_[starts[1:], len(R)]
-    tied = {p for p, users in walk.param_users.items() if len(users) > 1}
+    tied = walk.tied()
     tied_keys = {key_id[k] for k in keys if k[0] in tied}
 
     per_root = defaultdict(list)  # root -> [(key, start, end)]

@@ -258,7 +258,7 @@ def _node(node, carry, groups, mode, loss, broken):
 def shift_laws(walk, ep, *, loss, approximate, param_order):
     nodes = list(ep.graph_module.graph.nodes)
     index = {n: i for i, n in enumerate(nodes)}
-    tied = {p for p, users in walk.param_users.items() if len(users) > 1}
+    tied = walk.tied()
     out = []
     arrivals = []  # (bias, size): uniform bias shifts that reach the output unchanged
     for pr in walk.producers:
@@ -278,37 +278,38 @@ def shift_laws(walk, ep, *, loss, approximate, param_order):
         start = (lambda t: (t,) + (None,) * (len(node.meta["val"]) - 1)) if isinstance(node.meta.get("val"), (tuple, list)) else (lambda t: t)
         units = torch.arange(n, dtype=torch.int64)[:, None]
         whole = torch.arange(n, dtype=torch.int64)[None, :]
+        w0, b0 = pr.get("w0", 0), pr.get("b0", 0)  # first rows of a row block (a packed weight)
         # token translation: weights vary per token, so only per-token absorbers count.
         token_ok = False
         if kind in ("linear", "embedding") and W is not None:
             token_ok = _propagate(nodes, i0, start(_compress(per_token)), "token", loss) is None
             if token_ok:
-                terms = [Term(W, pr["w_axis"], units, +1)] + ([Term(B, 0, units, +1)] if B else [])
+                terms = [Term(W, pr["w_axis"], units + w0, +1)] + ([Term(B, 0, units + b0, +1)] if B else [])
                 out.append(Family("", "translation", "vector", 1, terms, note="per-token shift absorbed downstream"))
         # channel translation of the bias alone.
         if B is not None and kind in ("linear", "conv", "norm"):
             broken = _propagate(nodes, i0, start(per_channel), "channel", loss)
             keep = [c for c in range(n) if broken is None or c not in broken]
             if keep:
-                out.append(Family("", "translation", "diag", 1, [Term(B, 0, torch.tensor(keep)[:, None], +1)],
+                out.append(Family("", "translation", "diag", 1, [Term(B, 0, torch.tensor(keep)[:, None] + b0, +1)],
                                   note="per-channel bias shift absorbed downstream (batch norm, softmax over keys)"))
             if not token_ok and len(keep) < n and _propagate(nodes, i0, start(uniform), "ushift", loss) == {"output"}:
-                arrivals.append((B, n))
+                arrivals.append((B, b0, n))
         if not approximate or kind == "norm":
             continue
         if kind in ("linear", "conv") and _propagate(nodes, i0, start(per_channel), "cscale", loss) is None:
-            terms = [Term(W, pr["w_axis"], units, +1)] + ([Term(B, 0, units, +1)] if B else [])
+            terms = [Term(W, pr["w_axis"], units + w0, +1)] + ([Term(B, 0, units + b0, +1)] if B else [])
             out.append(Family("", "scale", "diag", 2, terms, approximate=True,
                               note="exact only for eps = 0 in the normalization"))
         elif kind in ("linear", "conv", "embedding") and _propagate(nodes, i0, start(uniform), "pscale", loss) is None:
-            terms = [Term(W, pr["w_axis"], whole, +1)] + ([Term(B, 0, whole, +1)] if B else [])
+            terms = [Term(W, pr["w_axis"], whole + w0, +1)] + ([Term(B, 0, whole + b0, +1)] if B else [])
             out.append(Family("", "scale", "diag", 2, terms, approximate=True,
                               note="exact only for eps = 0 in the normalization"))
     # Σ b_A − Σ b_B: shift b_A by t·1 and b_B by −t·1; both reach the output as ±t and cancel.
-    for B, n in arrivals[1:]:
-        B0, n0 = arrivals[0]
-        out.append(Family("", "translation", "diag", 1, [Term(B0, 0, torch.arange(n0)[None, :], +1),
-                                                         Term(B, 0, torch.arange(n)[None, :], -1)],
+    for B, b0, n in arrivals[1:]:
+        B0, f0, n0 = arrivals[0]
+        out.append(Family("", "translation", "diag", 1, [Term(B0, 0, torch.arange(f0, f0 + n0)[None, :], +1),
+                                                         Term(B, 0, torch.arange(b0, b0 + n)[None, :], -1)],
                           note="uniform bias shifts that cancel at the output (pre-norm residual stream)"))
     for f in out:
         f.modules = modules_of(f.terms)

@@ -234,6 +234,21 @@ class GroupedConv(nn.Module):
         return self.fc(torch.relu(self.c2(torch.relu(self.c1(x)))).mean((2, 3)))
 
 
+class EncoderDecoder(nn.Module):
+    """nn.Transformer (1 encoder, 1 decoder layer, d = 8, 2 heads) on x [B, T, 8]: the source is
+    x, the target its first 3 tokens; mean over the target → Linear(8→3). The decoder's
+    cross-attention splits its packed in_proj_weight into q | kv row blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.t = nn.Transformer(d_model=8, nhead=2, num_encoder_layers=1, num_decoder_layers=1,
+                                dim_feedforward=12, dropout=0.0, batch_first=True)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(self.t(x, x[:, :3]).mean(1))
+
+
 MODELS = {
     "mlp": (MLP, mlp_laws),
     "cnn_bn": (ConvBN, convbn_laws),

@@ -100,11 +100,34 @@ def test_multihead_attention_count_and_values(bias, batch_first):
         torch.testing.assert_close(v[vo.name], vv @ vv.T - o.T @ o, rtol=1e-13, atol=1e-13)
 
 
+def _head_laws_match(laws, model, blocks, Wo, H):
+    """Each head's QK and VO values against W̃_q W̃_qᵀ − W̃_k W̃_kᵀ and W̃_v W̃_vᵀ − W_oᵀW_o;
+    blocks: the (weight, bias or None) of q, k and v, each cut to its E rows."""
+    kd, v = kinds(laws), laws.evaluate(model)
+    E = blocks[0][0].shape[0]
+    dh = E // H
+    assert len(kd["attention_qk"]) == H and len(kd["attention_vo"]) == H
+    for h in range(H):
+        def rows(Wx, bx):
+            r = Wx[h * dh:(h + 1) * dh].double()
+            return r if bx is None else torch.cat([r, bx[h * dh:(h + 1) * dh, None].double()], 1)
+
+        q, k, vv = (rows(*blk) for blk in blocks)
+        o = Wo[:, h * dh:(h + 1) * dh].double()
+        qk = [f for f in kd["attention_qk"] if f.name.endswith(f".h{h}")][0]
+        vo = [f for f in kd["attention_vo"] if f.name.endswith(f".h{h}")][0]
+        torch.testing.assert_close(v[qk.name], q @ q.T - k @ k.T, rtol=1e-13, atol=1e-13)
+        torch.testing.assert_close(v[vo.name], vv @ vv.T - o.T @ o, rtol=1e-13, atol=1e-13)
+
+
+def _packed(W, b, E):
+    return [(W[i * E:(i + 1) * E], None if b is None else b[i * E:(i + 1) * E]) for i in range(3)]
+
+
 @pytest.mark.parametrize("bias", [True, False])
 def test_multihead_attention_with_other_key_and_value_widths(bias):
-    # kdim, vdim ≠ embed_dim: separate q/k/v weights, and the biases are slices of the packed
-    # in_proj_bias, which no law term can follow: with them, no head law is claimed (a wrong law
-    # is worse than a missing one); without them, the per-head laws hold
+    # kdim, vdim ≠ embed_dim: separate q/k/v weights, and the biases are row blocks of the packed
+    # in_proj_bias (a chunk into three): each block is its own producer, so the head laws hold
     class Cross(nn.Module):
         def __init__(self):
             super().__init__()
@@ -114,17 +137,110 @@ def test_multihead_attention_with_other_key_and_value_widths(bias):
             return self.a(x, z1, z2, need_weights=False)[0]
 
     torch.manual_seed(0)
-    m = Cross()
+    m = Cross().double()
     if bias:
         with torch.no_grad():
             m.a.in_proj_bias.normal_()
-    inputs = (torch.randn(3, 4, 8), torch.randn(3, 6, 5), torch.randn(3, 6, 3))
-    laws, cos = check(m, inputs, torch.randn(3, 4, 8))  # every claimed law conserved
-    kd = kinds(laws)
+    inputs = (torch.randn(3, 4, 8).double(), torch.randn(3, 6, 5).double(), torch.randn(3, 6, 3).double())
+    laws, cos = check(m, inputs, torch.randn(3, 4, 8).double())  # every claimed law conserved
+    a = m.a
+    b = _packed(a.in_proj_bias, a.in_proj_bias, 8) if bias else [(None, None)] * 3
+    _head_laws_match(laws, m, [(W, bb) for W, (bb, _) in zip((a.q_proj_weight, a.k_proj_weight, a.v_proj_weight), b)],
+                     a.out_proj.weight, 2)
+    if bias:  # the bias's row blocks sit at 0, E, 2E of in_proj_bias; the weights are their own
+        qk = kinds(laws)["attention_qk"][0]
+        assert [t.param for t in qk.terms] == ["a.q_proj_weight", "a.in_proj_bias", "a.k_proj_weight", "a.in_proj_bias"]
+
+
+@pytest.mark.parametrize("value_is_key", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_cross_attention_packed_weights(bias, value_is_key):
+    # query ≠ key: nn.MultiheadAttention splits in_proj_weight into q | kv (value is key) or
+    # q | k | v: row blocks of one parameter, each its own producer. The columns of a block are
+    # not whole columns of the weight, so no consumer law reaches through them (the norms before)
+    E, H = 12, 3
+
+    class Cross(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.MultiheadAttention(E, H, bias=bias, batch_first=True)
+
+        def forward(self, x, mem):
+            return self.a(x, mem, mem if value_is_key else 2 * mem, need_weights=False)[0]
+
+    torch.manual_seed(1)
+    m = Cross().double()
     if bias:
-        assert "attention_qk" not in kd and "attention_vo" not in kd
-    else:
-        assert len(kd["attention_qk"]) == 2 and len(kd["attention_vo"]) == 2
+        with torch.no_grad():
+            m.a.in_proj_bias.normal_()
+            m.a.out_proj.bias.normal_()
+    inputs = (torch.randn(2, 5, E).double(), torch.randn(2, 7, E).double())
+    laws, _ = check(m, inputs, torch.randn(2, 5, E).double())
+    _head_laws_match(laws, m, _packed(m.a.in_proj_weight, m.a.in_proj_bias if bias else None, E), m.a.out_proj.weight, H)
+    if bias:  # the key bias shift, as for self-attention
+        (kb,) = kinds(laws)["translation"]
+        assert kb.terms[0].index.reshape(-1).tolist() == list(range(E, 2 * E))
+
+
+def test_transformer_decoder_cross_attention_has_head_laws():
+    torch.manual_seed(2)
+    m = nn.Transformer(d_model=8, nhead=2, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=16,
+                       dropout=0.0, batch_first=True).double()
+    inputs = (torch.randn(2, 5, 8).double(), torch.randn(2, 3, 8).double())
+    laws, _ = check(m, inputs, torch.randn(2, 3, 8).double())
+    cross = [f.kind for f in laws if f.modules[0].startswith("decoder.layers.0.multihead_attn")]
+    assert sorted(cross).count("attention_qk") == 2 and sorted(cross).count("attention_vo") == 2
+
+
+def test_row_blocks_of_one_weight():
+    # F.linear on W[:3] and on W[3:], each into a ReLU layer: two producers, each with its own
+    # rescale law. Overlapping blocks (W[:4], W[2:]) share rows, and a block used by an op no
+    # rule follows (x @ W[:3].T) breaks W: no law for W at all then
+    class Blocks(nn.Module):
+        def __init__(self, cut_a, cut_b, matmul=False):
+            super().__init__()
+            self.W = nn.Parameter(torch.randn(7, 5))
+            self.o1, self.o2 = nn.Linear(cut_a, 2), nn.Linear(7 - cut_b, 2)
+            self.cut_a, self.cut_b, self.matmul = cut_a, cut_b, matmul
+
+        def forward(self, x):
+            a = x @ self.W[:self.cut_a].T if self.matmul else F.linear(x, self.W[:self.cut_a])
+            return self.o1(torch.relu(a)) + self.o2(torch.relu(F.linear(x, self.W[self.cut_b:])))
+
+    torch.manual_seed(3)
+    x, y = torch.randn(6, 5).double(), torch.randn(6, 2).double()
+    m = Blocks(3, 3).double()
+    laws, _ = check(m, (x,), y)
+    v = laws.evaluate(m)
+    fams = sorted((f for f in laws if any(t.param == "W" for t in f.terms)), key=lambda f: int(f.terms[0].index.min()))
+    assert [f.terms[0].index.reshape(-1).tolist() for f in fams] == [[0, 1, 2], [3, 4, 5, 6]]
+    for f, rows, o in zip(fams, (slice(0, 3), slice(3, 7)), (m.o1, m.o2)):
+        ref = (m.W[rows].double() ** 2).sum(1) - (o.weight.double() ** 2).sum(0)
+        torch.testing.assert_close(v[f.name], ref, rtol=1e-13, atol=1e-13)
+    for bad in (Blocks(4, 2), Blocks(3, 3, matmul=True)):
+        laws, _ = check(bad.double(), (x,), y)
+        assert all(t.param != "W" for f in laws for t in f.terms)
+        assert any("parameter W " in n for n in laws.notes)
+
+
+def test_untracked_parameter_use_drops_its_laws():
+    # tanh(W) in the output is no symmetry of W's laws: claiming rescale for f1 would be wrong
+    class Penalised(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.f1, self.f2, self.g1, self.g2 = nn.Linear(4, 6), nn.Linear(6, 3), nn.Linear(4, 5), nn.Linear(5, 3)
+
+        def forward(self, x):
+            y = self.f2(torch.relu(self.f1(x))) + self.g2(torch.relu(self.g1(x)))
+            return y + torch.tanh(self.f1.weight).sum()
+
+    torch.manual_seed(4)
+    m = Penalised().double()
+    x = torch.randn(5, 4).double()
+    laws, _ = check(m, (x,), torch.randn(5, 3).double())
+    assert [f.name for f in laws if f.kind == "rescale"] == ["rescale:g1"]
+    assert all("f1.weight" not in f.params() for f in laws)
+    assert any("f1.weight" in n and "tanh" in n for n in laws.notes)
 
 
 def test_conv_relu_conv_count():
