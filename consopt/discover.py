@@ -277,8 +277,8 @@ class _Walk:
             if P is not None and not all(ok(u, P) for u in node.users):
                 bad = next(u for u in node.users if not ok(u, P))
                 self.untracked.add(P)
-                self.notes.append(f"parameter {P} is also used by {bad.name} ({_opname(bad.target)}), which no "
-                                  "law follows: its laws are dropped")
+                self.notes.append(f"parameter {P} is used by {bad.name} ({_opname(bad.target)}), which no law "
+                                  "follows: its laws are dropped")
 
 
 def _opname(target) -> str:
@@ -922,6 +922,98 @@ def _matmul(w: _Walk, node):
         w.break_all(node)
         return None
     return _contract(w, node, ta, tb, a_shape, b_shape, w.shape(node))
+
+
+class _EinsumPlan:
+    """A two-operand einsum without '...' or repeated letters as a batched matmul: batch letters
+    (in both operands and the output), contracted letters (in both, not the output) and each
+    side's free letters laid out as a [..., n, k] @ b [..., k, m]. None from `of` otherwise."""
+
+    @classmethod
+    def of(cls, eq, shapes):
+        eq = eq.replace(" ", "")
+        if "." in eq or "->" not in eq or len(shapes) != 2 or any(s is None for s in shapes):
+            return None
+        ins, so = eq.split("->")
+        subs = ins.split(",")
+        if len(subs) != 2 or any(len(x) != len(shp) for x, shp in zip(subs, shapes)):
+            return None
+        sa, sb = subs
+        size = {}
+        for sub, shp in zip(subs, shapes):
+            for c, n in zip(sub, shp):
+                if size.setdefault(c, n) != n:
+                    return None  # broadcast letters: not handled
+        letters = set(sa) | set(sb)
+        if any(len(set(x)) != len(x) for x in (sa, sb, so)) or not set(so) <= letters or any(
+                c not in so and not (c in sa and c in sb) for c in letters):
+            return None  # a letter summed within one operand, or repeated (a diagonal)
+        p = cls()
+        p.subs, p.so, p.shapes, p.size = subs, so, shapes, size
+        p.batch = [c for c in so if c in sa and c in sb]
+        p.contr = sorted(c for c in letters if c in sa and c in sb and c not in so)
+        p.fa, p.fb = [c for c in so if c in sa and c not in sb], [c for c in so if c in sb and c not in sa]
+        p.bs = tuple(size[c] for c in p.batch)
+        p.n, p.k, p.m = (math.prod(size[c] for c in x) for x in (p.fa, p.contr, p.fb))
+        return p
+
+    def lay(self, t, side):
+        """Operand `side`'s tags as [..., n, k] (a) or [..., k, m] (b)."""
+        if t is None:
+            return None
+        sub = self.subs[side]
+        order = self.batch + (self.fa + self.contr if side == 0 else self.contr + self.fb)
+        shape = self.bs + ((self.n, self.k) if side == 0 else (self.k, self.m))
+        return _expand(t, self.shapes[side]).permute([sub.index(c) for c in order]).reshape(shape)
+
+    def unlay(self, t):
+        """Tags of the [..., n, m] product back in the output's layout."""
+        t = _expand(t, self.bs + (self.n, self.m)).reshape(self.bs + tuple(self.size[c] for c in self.fa + self.fb))
+        return _compress(t.permute([(self.batch + self.fa + self.fb).index(c) for c in self.so]))
+
+
+@rule("einsum")
+def _einsum(w: _Walk, node):
+    ops = node.args[1]
+    if any(w.param(x) for x in ops):  # a parameter operand is left untracked: its laws dropped
+        w.break_all(node)
+        return None
+    plan = _EinsumPlan.of(node.args[0], [w.shape(x) for x in ops])
+    if plan is None:
+        w.break_all(node)
+        return None
+    ta, tb = w.tag(ops[0]), w.tag(ops[1])
+    if ta is None and tb is None:
+        return None
+    if not plan.contr and ta is not None and tb is not None:
+        w.break_all(node)  # an outer product of two tagged tensors: no linear action survives
+        return None
+    bs, n, k, m = plan.bs, plan.n, plan.k, plan.m
+    out = _contract(w, node, plan.lay(ta, 0), plan.lay(tb, 1), bs + (n, k), bs + (k, m), bs + (n, m))
+    return None if out is None else plan.unlay(out)
+
+
+@rule("addmm")
+def _addmm(w: _Walk, node):
+    """b + x @ W with W [in, out] (GPT-2's Conv1D): as `x @ W` with b a producer of the output
+    columns. α and β scale the two parts but not the symmetry (b → A b, W → W Aᵀ)."""
+    b, x, weight = node.args[:3]
+    W = w.param(weight, node)
+    shape = w.shape(node)
+    if W is None or len(w.shape(weight)) != 2:
+        w.break_all(node)
+        return None
+    _consume_last(w, x, W, 0, node)
+    B = w.param(b, node)
+    bshape = w.shape(b) if isinstance(b, torch.fx.Node) else None
+    # a bias that is not a vector parameter over the outputs (data, a buffer, a matrix) adds
+    # what no law term follows: no law
+    level = GL if B is not None and bshape == shape[-1:] else NONE
+    B = B if level == GL else None
+    ids, out = w.new_out(shape[-1], level, shape, len(shape) - 1)
+    w.add_producers(node, ids, [(W, 1), (B, 0)])
+    w.producers.append(dict(node=node, W=W, w_axis=1, B=B, dim=len(shape) - 1, n=shape[-1], kind="linear"))
+    return out
 
 
 @rule("scaled_dot_product_attention")

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from .discover import LAYOUT_OPS, _compress, _expand, _opname, apply_layout, modules_of
+from .discover import LAYOUT_OPS, _compress, _EinsumPlan, _expand, _opname, apply_layout, modules_of
 from .laws import Family, Term
 
 # ops that pass a shift on unchanged (averages of a constant are that constant)
@@ -87,6 +87,26 @@ def _propagate(nodes, start_idx, start_tag, mode, loss):
                         broken |= groups.get(v, {v})
         carry.pop(node, None)
     return broken or None
+
+
+def _key_shift(ta, tb, out_shape, groups, broken):
+    """q @ (k + δ)ᵀ in matmul layout (tb: [..., d, keys]): a per-channel shift of the contracted
+    side, constant along the keys, adds a per-query constant to every key's logit (absorbed by a
+    softmax over the keys). The query side's symbols (ta) are lost. Returns the product's tags
+    (one group symbol per query row), or None if the shift does not pass."""
+    if ta is not None:
+        for v in torch.unique(ta[ta >= 0]).tolist():
+            broken |= groups.get(v, {v})
+    tb_c = _compress(tb)
+    if tb_c.shape[-1] != 1 or not bool((tb >= 0).all()):
+        return None
+    members = {int(v) for v in torch.unique(tb_c).tolist()}
+    members = set().union(*(groups.get(v, {v}) for v in members))
+    base = GROUP_BASE + len(groups) * 1_000_003
+    rows = torch.arange(out_shape[-2], dtype=torch.int64)
+    for r in rows.tolist():
+        groups[base + r] = members
+    return (base + rows).reshape([1] * (len(out_shape) - 2) + [out_shape[-2], 1])
 
 
 def _node(node, carry, groups, mode, loss, broken):
@@ -200,27 +220,23 @@ def _node(node, carry, groups, mode, loss, broken):
         carry[node] = _compress(_expand(ta if ta is not None else tb, shape))
         return True
     if name in ("bmm", "matmul") and mode == "channel":
-        # q @ (k + δ)ᵀ: a per-channel shift of the contracted side, constant along the keys,
-        # adds a per-query constant to every key's logit (absorbed by a softmax over the keys).
         a, b = node.args[0], node.args[1]
         if b not in carry:
             return False
-        if a in carry:  # the query side's symbols are lost; the key side's shift still passes
-            ta = get(a)
-            for v in torch.unique(ta[ta >= 0]).tolist():
-                broken |= groups.get(v, {v})
-        tb, bs = get(b), _shape(b)
-        tb = _compress(_expand(tb, bs))
-        if tb.shape[-1] != 1 or not bool((_expand(tb, bs) >= 0).all()):
+        out = _key_shift(get(a) if a in carry else None, _expand(get(b), _shape(b)), _shape(node), groups, broken)
+        if out is None:
             return False
-        members = {int(v) for v in torch.unique(tb).tolist()}
-        members = set().union(*(groups.get(v, {v}) for v in members))
-        out_shape = _shape(node)
-        base = GROUP_BASE + len(groups) * 1_000_003
-        rows = torch.arange(out_shape[-2], dtype=torch.int64)
-        for r in rows.tolist():
-            groups[base + r] = members
-        carry[node] = (base + rows).reshape([1] * (len(out_shape) - 2) + [out_shape[-2], 1])
+        carry[node] = out
+        return True
+    if name == "einsum" and mode == "channel":
+        (a, b), plan = node.args[1], _EinsumPlan.of(node.args[0], [_shape(x) for x in node.args[1]])
+        if plan is None or b not in carry or not plan.contr:
+            return False
+        out = _key_shift(plan.lay(get(a), 0) if a in carry else None, plan.lay(get(b), 1), plan.bs + (plan.n, plan.m),
+                         groups, broken)
+        if out is None:
+            return False
+        carry[node] = plan.unlay(out)
         return True
     if name == "scaled_dot_product_attention" and mode == "channel":
         q, k, v = node.args[:3]

@@ -249,6 +249,37 @@ class EncoderDecoder(nn.Module):
         return self.fc(self.t(x, x[:, :3]).mean(1))
 
 
+class Conv1D(nn.Module):
+    """GPT-2's Conv1D (Hugging Face): y = b + x W with W [in, out], one addmm."""
+
+    def __init__(self, nx, nf):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(nx, nf) * nx ** -0.5)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], -1)
+
+
+class GPT2Attention(nn.Module):
+    """GPT-2's eager attention written out: c_attn (Conv1D d → 3d) split into q, k, v along the
+    features, heads, softmax(q kᵀ / √d_h + causal mask) v, merged, c_proj (Conv1D d → d)."""
+
+    def __init__(self, d=12, heads=3):
+        super().__init__()
+        self.d, self.heads = d, heads
+        self.c_attn, self.c_proj = Conv1D(d, 3 * d), Conv1D(d, d)
+
+    def forward(self, x):
+        B, T, d = x.shape
+        q, k, v = self.c_attn(x).split(d, dim=2)
+        q, k, v = (t.view(B, T, self.heads, d // self.heads).permute(0, 2, 1, 3) for t in (q, k, v))
+        a = torch.matmul(q, k.transpose(-1, -2)) / (d // self.heads) ** 0.5
+        a = torch.where(torch.ones(T, T, dtype=torch.bool).tril(), a, torch.finfo(a.dtype).min)
+        y = torch.matmul(a.softmax(-1), v).permute(0, 2, 1, 3).reshape(B, T, d)
+        return self.c_proj(y)
+
+
 MODELS = {
     "mlp": (MLP, mlp_laws),
     "cnn_bn": (ConvBN, convbn_laws),

@@ -192,6 +192,98 @@ def test_transformer_decoder_cross_attention_has_head_laws():
     assert sorted(cross).count("attention_qk") == 2 and sorted(cross).count("attention_vo") == 2
 
 
+def test_conv1d_addmm_rescale():
+    # GPT-2's Conv1D (b + x W, W [in, out]): unit j is column j of W and b_j; the consumer's rows
+    from _models import Conv1D
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = Conv1D(5, 7), Conv1D(7, 3)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    torch.manual_seed(5)
+    m = Net().double()
+    x = torch.randn(2, 4, 5).double()
+    laws, _ = check(m, (x,), torch.randn(2, 4, 3).double())
+    (f,) = list(laws)
+    assert f.kind == "rescale"
+    ref = (m.a.weight.double() ** 2).sum(0) + m.a.bias.double() ** 2 - (m.b.weight.double() ** 2).sum(1)
+    torch.testing.assert_close(laws.evaluate(m)[f.name], ref, rtol=1e-13, atol=1e-13)
+
+
+def test_gpt2_style_attention_head_laws():
+    # q, k, v are column blocks of c_attn's W [d, 3d] (and of its bias): head h of q is columns
+    # h·d_h …, of k d + h·d_h …, of v 2d + h·d_h …; W_o,h is rows h·d_h … of c_proj's W
+    from _models import GPT2Attention
+
+    torch.manual_seed(6)
+    d, H = 12, 3
+    m = GPT2Attention(d, H).double()
+    x = torch.randn(2, 5, d).double()
+    laws, _ = check(m, (x,), torch.randn(2, 5, d).double())
+    W, b, Wo = m.c_attn.weight.double(), m.c_attn.bias.double(), m.c_proj.weight.double()
+    Wt = torch.cat([W.T, b[:, None]], 1)  # [3d, d + 1]: rows are output features
+    _head_laws_match(laws, m, _packed(Wt, None, d), Wo.T, H)
+
+
+class _EinsumAttention(nn.Module):
+    """Attention with separate q/k/v/o Linears, its products written as matmuls or einsums."""
+
+    def __init__(self, style):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(8, 8) for _ in range(4))
+        self.style = style
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        q, k, v = (lin(x).view(B, T, 2, 4) for lin in (self.q, self.k, self.v))
+        if self.style == "matmul":
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+            y = ((q @ k.transpose(-1, -2)).softmax(-1) @ v).transpose(1, 2)
+        elif self.style == "einsum":  # heads first, as the matmul
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+            y = torch.einsum("bhqk,bhkd->bqhd", torch.einsum("bhqd,bhkd->bhqk", q, k).softmax(-1), v)
+        else:  # heads in place: the letters permute
+            y = torch.einsum("bhqk,bkhd->bqhd", torch.einsum("bqhd,bkhd->bhqk", q, k).softmax(-1), v)
+        return self.o(y.reshape(B, T, 8))
+
+
+@pytest.mark.parametrize("style", ["einsum", "einsum-in-place"])
+def test_einsum_attention_has_the_matmul_laws(style):
+    # the same model written with matmuls is the reference: same families, same values
+    torch.manual_seed(7)
+    ref = _EinsumAttention("matmul").double()
+    m = _EinsumAttention(style).double()
+    m.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 5, 8).double()
+    laws, _ = check(m, (x,), torch.randn(2, 5, 8).double())
+    ref_laws = consopt.find_laws(ref, (x,))
+    assert [f.name for f in laws] == [f.name for f in ref_laws]
+    assert sorted(f.kind for f in laws) == ["attention_qk"] * 2 + ["attention_vo"] * 2 + ["translation"]
+    v, rv = laws.evaluate(m), ref_laws.evaluate(ref)
+    for k in rv:
+        torch.testing.assert_close(v[k], rv[k], rtol=0, atol=0)
+
+
+def test_einsum_with_a_parameter_drops_its_laws():
+    # "btd,od->bto" is a Linear written as an einsum: not followed, so W keeps no law
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.W = nn.Parameter(torch.randn(6, 4))
+            self.fc = nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.fc(torch.relu(torch.einsum("btd,od->bto", x, self.W)))
+
+    laws = consopt.find_laws(Net(), (torch.randn(2, 3, 4),))
+    assert all(t.param != "W" for f in laws for t in f.terms)
+    assert any("parameter W " in n and "einsum" in n for n in laws.notes)
+
+
 def test_row_blocks_of_one_weight():
     # F.linear on W[:3] and on W[3:], each into a ReLU layer: two producers, each with its own
     # rescale law. Overlapping blocks (W[:4], W[2:]) share rows, and a block used by an op no

@@ -111,18 +111,30 @@ def test_first_fused_step_failure_restores_and_falls_back(monkeypatch):
     assert opt.tracked_steps == 3
 
 
-def test_fused_path_with_a_grouped_conv_law():
-    """A family on a grouped conv's refined axis (Term.groups) is evaluated eagerly next to the
-    kernels' families: every deviation still matches a float64 re-evaluation."""
+def _grouped_conv():
     from _models import GroupedConv
 
+    return GroupedConv(), torch.randn(4, 2, 5, 5), torch.randn(4, 3)
+
+
+def _gpt2_attention():
+    from _models import GPT2Attention
+
+    return nn.Sequential(GPT2Attention(6, 2), nn.Flatten(), nn.Linear(18, 3)), torch.randn(4, 3, 6), torch.randn(4, 3)
+
+
+@pytest.mark.parametrize("make", [_grouped_conv, _gpt2_attention], ids=["grouped-conv", "gpt2-attention"])
+def test_fused_path_on_discovered_laws(make):
+    """Laws of models found by find_laws, evaluated by the kernels (GPT-2's Conv1D heads: Gram
+    matrices of column blocks of c_attn's W and row blocks of c_proj's) or eagerly next to them
+    (a family on a grouped conv's refined axis, Term.groups): every deviation matches a float64
+    re-evaluation and the parameters torch's."""
     torch.manual_seed(1)
-    ref = GroupedConv().to(DEVICE)
+    ref, x, y = make()
+    ref, x, y = ref.to(DEVICE), x.to(DEVICE), y.to(DEVICE)
     m = copy.deepcopy(ref)
-    x = torch.randn(4, 2, 5, 5, device=DEVICE)
-    y = torch.randn(4, 3, device=DEVICE)
     laws = consopt.find_laws(m, (x,))
-    assert any(t.groups == 2 for f in laws for t in f.terms)
+    assert len(laws.families) > 0
     opt = consopt.SGD(m.parameters(), lr=0.05, momentum=0.9, laws=laws)
     opt._force_triton = True
     topt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9, foreach=False)
