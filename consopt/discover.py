@@ -1296,6 +1296,15 @@ def find_laws(model, example_inputs, *, loss=None, approximate=False) -> LawSet:
                                  int(f.terms[0].index.min())))
     families = _name_families(families)
     notes = list(walk.notes)
+    frozen = {n for n, p in params.items() if not p.requires_grad}
+    if frozen:  # training does not move a frozen term, so its family's symmetry is no flow's
+        hit = defaultdict(int)
+        for f in families:
+            for n in set(f.params()) & frozen:
+                hit[n] += 1
+        families = [f for f in families if not set(f.params()) & frozen]
+        notes += [f"parameter {n} is frozen (requires_grad=False): {k} famil{'y' if k == 1 else 'ies'} with a term on "
+                  "it dropped (training does not move it, so they are not conserved)" for n, k in sorted(hit.items())]
     for op, n in sorted(walk.unknown.items()):
         notes.append(f"op {op!r} ({n}x) is not in consopt's op table: laws of the spaces it touches were dropped")
     shapes = {n: p.shape for n, p in params.items()}

@@ -292,9 +292,13 @@ class LawSet:
     def verify(self, model, inputs, targets, loss_fn: Callable, *, max_functions: int = 2048) -> dict:
         """Worst |cos(∇h, ∇L)| per family, by autograd in float64 on a copy of `model`.
 
-        ∇L is the gradient of `loss_fn(model(*inputs), targets)` over all parameters; ∇h the
-        gradient of each independent function (upper triangle of matrix laws). Families with more than `max_functions` functions are checked on a random
-        subset of that size. A conservation law gives ~1e-16.
+        ∇L is the gradient of `loss_fn(model(*inputs), targets)` over the trainable parameters
+        (`requires_grad`); ∇h the gradient of each independent function (upper triangle of
+        matrix laws) over the same parameters: a frozen one does not move, so a law with a
+        frozen term is judged by its trainable part alone (and fails unless that part is
+        orthogonal to ∇L). Families with more than `max_functions` functions are checked on a
+        random subset of that size. A conservation law gives ~1e-16. A loss or gradient that is
+        not finite raises ValueError (a NaN would otherwise read as a pass).
         """
         m64 = copy.deepcopy(model).to(torch.float64)
         inputs = inputs if isinstance(inputs, tuple) else (inputs,)
@@ -303,12 +307,20 @@ class LawSet:
         targets = cast(targets)
         params = dict(m64.named_parameters(remove_duplicate=False))
         self.check_params(params)
+        trainable = {n for n, p in params.items() if p.requires_grad}
+        if not trainable:
+            raise ValueError("verify: the model has no trainable parameter (requires_grad): nothing moves")
         m64.zero_grad(set_to_none=True)
         loss = loss_fn(m64(*inputs), targets)
-        names = [n for n, p in params.items() if p.requires_grad]
+        names = sorted(trainable, key=list(params).index)
         grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
         gL = {n: (g if g is not None else torch.zeros_like(params[n])) for n, g in zip(names, grads)}
         g_norm = torch.sqrt(sum((g * g).sum() for g in gL.values()))
+        if not (torch.isfinite(loss).all() and torch.isfinite(g_norm)):
+            raise ValueError(f"verify: the loss ({float(loss.detach().sum())}) or its gradient is not finite "
+                             "for these inputs and targets (a NaN input, a fully masked row?): nothing can be checked")
+        for p in params.values():  # ∇h over every term, frozen ones included (then left out below)
+            p.requires_grad_(True)
         out = {}
         gen = torch.Generator().manual_seed(0)
         for f in self.families:
@@ -330,8 +342,11 @@ class LawSet:
                 eye[torch.arange(len(chunk)), chunk] = 1.0
                 gh = torch.autograd.grad(h, leaves, grad_outputs=eye, is_grads_batched=True,
                                          retain_graph=True, allow_unused=True)
-                gh = torch.cat([(g if g is not None else torch.zeros(len(chunk), *params[n].shape, dtype=h.dtype))
+                gh = torch.cat([(g if g is not None and n in trainable
+                                 else torch.zeros(len(chunk), *params[n].shape, dtype=h.dtype))
                                 .reshape(len(chunk), -1) for g, n in zip(gh, fp)], dim=1)
+                if not bool(torch.isfinite(gh).all()):
+                    raise ValueError(f"verify: the gradient of family {f.name!r} is not finite (a non-finite parameter?)")
                 dots = gh @ g_flat
                 denom = gh.norm(dim=1) * g_norm
                 cos = torch.where(denom > 0, dots.abs() / denom.clamp_min(1e-300), torch.zeros_like(dots))

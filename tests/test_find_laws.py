@@ -724,6 +724,35 @@ def test_tied_weights_drop_their_laws():
     assert all("emb.weight" not in f.params() for f in laws)
 
 
+def test_frozen_parameters_drop_their_families():
+    # a frozen producer does not move, so its unit's rescale law is no law of training:
+    # find_laws drops it (with a note), and verify, judging by the trainable part, fails it
+    def net():
+        torch.manual_seed(8)
+        return nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).double()
+
+    x, y = torch.randn(8, 4).double(), torch.randn(8, 3).double()
+    free = consopt.find_laws(net(), (x,))
+    assert [f.name for f in free] == ["rescale:0", "rescale:2"]
+    m = net()
+    m[0].requires_grad_(False)
+    laws, _ = check(m, (x,), y)
+    assert [f.name for f in laws] == ["rescale:2"]
+    assert any("0.weight is frozen" in n for n in laws.notes)
+    cos = free.verify(m, (x,), y, mse)
+    assert cos["rescale:0"] > 1e-3 and cos["rescale:2"] <= COS_TOL
+
+
+def test_verify_refuses_a_non_finite_loss():
+    # a NaN gradient would make every cosine read 0, a pass
+    m = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).double()
+    x = torch.randn(5, 4).double()
+    laws = consopt.find_laws(m, (x,))
+    x[2, 1] = float("nan")
+    with pytest.raises(ValueError, match="not finite"):
+        laws.verify(m, (x,), torch.randn(5, 3).double(), mse)
+
+
 # ---------------------------------------------------------------------------------------------
 # bad input
 # ---------------------------------------------------------------------------------------------
