@@ -152,6 +152,8 @@ class _Walk:
         self.param_users = defaultdict(set)  # parameter -> ops that use it whole
         self.row_users = defaultdict(list)  # parameter -> [(op, first row, end row)]: packed slices
         self.views = {}  # node -> (parameter, first row, rows), or a tuple of them (a split)
+        self.transposed = {}  # node -> parameter: W.T, W.t(), W.transpose(0, 1) of a 2-D parameter
+        self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
         self.untracked = set()  # parameters some op uses in a way no rule follows
         self._param_shapes = {param_of[n.name]: tuple(n.meta["val"].shape) for n in gm.graph.nodes
                               if n.op == "placeholder" and n.name in param_of}
@@ -239,7 +241,10 @@ class _Walk:
             if node.op == "placeholder":
                 self.tags[node] = None
             elif node.op == "call_function":
-                rule = RULES.get(_opname(node.target))
+                name = _opname(node.target)
+                rule = RULES.get(name)
+                if rule is None and name.endswith("_") and name[:-1] in RULES and self._fresh_target(node):
+                    rule = RULES[name[:-1]]  # x += y on a tensor nothing else reads: as x + y
                 if rule is None:
                     if self.tagged_inputs(node):
                         self.unknown[_opname(node.target)] += 1
@@ -258,6 +263,15 @@ class _Walk:
             n = len(self.param_users.get(name, ())) + len(self.row_users.get(name, ()))
             self.notes.append(f"parameter {name} is used by {n} ops (tied or reused): its laws are dropped")
 
+    def _fresh_target(self, node) -> bool:
+        """An in-place op (`out += identity`) acts as its out-of-place form when the tensor it
+        writes is an op's fresh output (not a view or alias of another tensor) that no later op
+        reads (torch.export hands later readers the in-place op's own output)."""
+        a = node.args[0] if node.args else None
+        if not isinstance(a, torch.fx.Node) or a.op != "call_function" or _opname(a.target) not in _FRESH_OPS:
+            return False
+        return all(self.order[u] < self.order[node] for u in a.users if u is not node)
+
     def _check_uses(self):
         """A parameter that reaches an op no rule follows (tanh(W), a penalty on W, W.t() @ x)
         breaks the symmetries of its laws, whatever its other uses: mark it untracked."""
@@ -270,7 +284,7 @@ class _Walk:
         def ok(node, P):
             if node.name in followed[P]:
                 return True
-            return node in self.views and all(ok(u, P) for u in node.users)
+            return (node in self.views or node in self.transposed) and all(ok(u, P) for u in node.users)
 
         for node in self.gm.graph.nodes:
             P = self.param_of.get(node.name) if node.op == "placeholder" else None
@@ -588,6 +602,7 @@ def apply_layout(node, get_tag, get_shape):
 
 
 _ROW_SPLITS = ("split", "split_with_sizes", "chunk", "tensor_split", "unsafe_split", "unsafe_chunk")
+_TRANSPOSES = ("numpy_T", "t", "transpose", "permute", "swapaxes", "swapdims", "mT", "adjoint")
 
 
 def _row_view(w: _Walk, node):
@@ -602,6 +617,12 @@ def _row_view(w: _Walk, node):
         return
     P, first, rows = base
     name, ndim = _opname(node.target), len(w.shape(x))
+    if name in _TRANSPOSES and ndim == 2 and first == 0 and rows == w._param_shapes[P][0] and w.param(x):
+        dims = [int(d) % 2 for d in (node.args[1:3] if name in ("transpose", "swapaxes", "swapdims")
+                                     else node.args[1] if name == "permute" else (1, 0))]
+        if dims in ([0, 1], [1, 0]) and (name != "permute" or dims == [1, 0]):
+            w.transposed[node] = P
+        return
     val = node.meta.get("val")
     if name in _ROW_SPLITS:
         dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
@@ -643,7 +664,7 @@ def _layout(w: _Walk, node):
         return None
 
 
-LAYOUT_OPS = ("view", "_unsafe_view", "reshape", "flatten", "unflatten", "transpose", "t", "permute", "select", "slice",
+LAYOUT_OPS = ("view", "_unsafe_view", "reshape", "flatten", "unflatten", "transpose", "t", "numpy_T", "mT", "permute", "select", "slice",
               "squeeze", "unsqueeze", "expand", "repeat", "repeat_interleave", "cat", "stack", "split",
               "split_with_sizes", "chunk", "unbind", "narrow", "movedim", "view_as", "reshape_as", "swapaxes",
               "swapdims", "tensor_split", "unsafe_split", "unsafe_chunk", "flip", "roll", "pixel_shuffle",
@@ -651,6 +672,13 @@ LAYOUT_OPS = ("view", "_unsafe_view", "reshape", "flatten", "unflatten", "transp
               "transpose_copy", "select_copy", "slice_copy")
 for _n in LAYOUT_OPS:
     RULES[_n] = _layout
+
+# ops whose output is a new tensor (no view or alias of an input): an in-place op may write it
+_FRESH_OPS = ("linear", "conv1d", "conv2d", "conv3d", "convolution", "addmm", "baddbmm", "matmul", "bmm", "mm",
+              "einsum", "add", "sub", "mul", "div", "neg", "relu", "leaky_relu", "gelu", "silu", "clone",
+              "embedding", "layer_norm", "rms_norm", "group_norm", "batch_norm", "instance_norm",
+              "scaled_dot_product_attention", "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d",
+              "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d")
 
 
 @rule("getitem")
@@ -912,6 +940,16 @@ def _matmul(w: _Walk, node):
         w.add_producers(node, ids, [(Pb, 1)])
         w.producers.append(dict(node=node, W=Pb, w_axis=1, B=None, dim=len(shape) - 1, n=shape[-1], kind="linear"))
         return out
+    Pt = w.transposed.get(b) if isinstance(b, torch.fx.Node) else None
+    if Pt is not None:
+        # x @ W.T with W [out, in]: a Linear without bias (W consumes along 1, produces along 0)
+        w.param_users[Pt].add(node.name)
+        _consume_last(w, a, Pt, 1, node)
+        shape = w.shape(node)
+        ids, out = w.new_out(shape[-1], GL, shape, len(shape) - 1)
+        w.add_producers(node, ids, [(Pt, 0)])
+        w.producers.append(dict(node=node, W=Pt, w_axis=0, B=None, dim=len(shape) - 1, n=shape[-1], kind="linear"))
+        return out
     if w.param(a, node) is not None:
         w.break_all(node)
         return None
@@ -991,6 +1029,20 @@ def _einsum(w: _Walk, node):
     bs, n, k, m = plan.bs, plan.n, plan.k, plan.m
     out = _contract(w, node, plan.lay(ta, 0), plan.lay(tb, 1), bs + (n, k), bs + (k, m), bs + (n, m))
     return None if out is None else plan.unlay(out)
+
+
+@rule("baddbmm")
+def _baddbmm(w: _Walk, node):
+    """β·input + α·(b1 @ b2) with data `input` (Bloom's ALiBi bias on the logits): the product's
+    rule, unless the input carries channels."""
+    inp, b1, b2 = node.args[:3]
+    if w.tag(inp) is not None or any(w.param(x) for x in (inp, b1, b2)):
+        w.break_all(node)
+        return None
+    t1, t2 = w.tag(b1), w.tag(b2)
+    if t1 is None and t2 is None:
+        return None
+    return _contract(w, node, t1, t2, w.shape(b1), w.shape(b2), w.shape(node))
 
 
 @rule("addmm")

@@ -219,9 +219,9 @@ def _node(node, carry, groups, mode, loss, broken):
             return False  # a shift times data is no longer a shift
         carry[node] = _compress(_expand(ta if ta is not None else tb, shape))
         return True
-    if name in ("bmm", "matmul") and mode == "channel":
-        a, b = node.args[0], node.args[1]
-        if b not in carry:
+    if name in ("bmm", "matmul", "baddbmm") and mode == "channel":
+        a, b = node.args[1:3] if name == "baddbmm" else node.args[:2]
+        if b not in carry or (name == "baddbmm" and node.args[0] in carry):
             return False
         out = _key_shift(get(a) if a in carry else None, _expand(get(b), _shape(b)), _shape(node), groups, broken)
         if out is None:

@@ -284,6 +284,74 @@ def test_einsum_with_a_parameter_drops_its_laws():
     assert any("parameter W " in n and "einsum" in n for n in laws.notes)
 
 
+class _Idioms(nn.Module):
+    """One network written with common idioms (`x @ W.T`, `out += h`, `torch.baddbmm` with a
+    data bias on the logits) or in the reference form (F.linear, `out = out + h`, `bias + q @ kᵀ`)."""
+
+    def __init__(self, idiom):
+        super().__init__()
+        self.W = nn.Parameter(torch.randn(6, 4))
+        self.c, self.q, self.k, self.v, self.o = nn.Linear(6, 6), nn.Linear(6, 4), nn.Linear(6, 4), nn.Linear(6, 4), \
+            nn.Linear(4, 3)
+        self.idiom = idiom
+
+    def forward(self, x):
+        i = self.idiom
+        W = self.W
+        pre = {"T": lambda: x @ W.T, "t": lambda: x @ W.t(), "transpose": lambda: x @ W.transpose(0, 1),
+               "permute": lambda: x @ W.permute(1, 0), "mT": lambda: x @ W.mT}.get(i, lambda: F.linear(x, W))()
+        h = torch.relu(pre)
+        out = self.c(h)
+        if i == "+=":
+            out += h
+        else:
+            out = out + h
+        out = torch.relu(out)
+        q, k, v = self.q(out), self.k(out), self.v(out)  # [B, T, 4]
+        T = x.shape[1]
+        bias = (torch.arange(T * T, dtype=x.dtype).view(T, T) * 0.1).expand(x.shape[0], T, T)  # ALiBi-like data
+        logits = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=0.5) if i == "baddbmm" else \
+            bias + 0.5 * (q @ k.transpose(1, 2))
+        return self.o(logits.softmax(-1) @ v)
+
+
+@pytest.mark.parametrize("idiom", ["T", "t", "transpose", "permute", "mT", "+=", "baddbmm"])
+def test_idioms_have_the_reference_laws(idiom):
+    torch.manual_seed(9)
+    ref = _Idioms("reference").double()
+    m = _Idioms(idiom).double()
+    m.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 5, 4).double()
+    laws, _ = check(m, (x,), torch.randn(2, 5, 3).double())
+    ref_laws = consopt.find_laws(ref, (x,))
+    assert {f.kind for f in ref_laws} >= {"stream", "attention_qk", "attention_vo"}
+    assert [f.name for f in laws] == [f.name for f in ref_laws] and not laws.notes
+    v, rv = laws.evaluate(m), ref_laws.evaluate(ref)
+    for k in rv:
+        torch.testing.assert_close(v[k], rv[k], rtol=0, atol=0)
+
+
+def test_in_place_add_on_a_tensor_read_later_is_not_followed():
+    # h += y where h is read again afterwards: its readers see the sum, so the rule of `+` does
+    # not apply; the channels are dropped, never given a wrong law
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(4, 5), nn.Linear(5, 5), nn.Linear(5, 2)
+
+        def forward(self, x):
+            h = self.a(x)
+            y = h * 1.0
+            s = self.b(torch.relu(h))
+            s += y
+            return self.c(torch.relu(s)) + h.sum(-1, keepdim=True)
+
+    torch.manual_seed(10)
+    m = Net().double()
+    x = torch.randn(3, 4).double()
+    check(m, (x,), torch.randn(3, 2).double())
+
+
 def test_row_blocks_of_one_weight():
     # F.linear on W[:3] and on W[3:], each into a ReLU layer: two producers, each with its own
     # rescale law. Overlapping blocks (W[:4], W[2:]) share rows, and a block used by an op no
