@@ -56,6 +56,7 @@ class _Channels:
         self.terms = []  # (id, param, axis, sign, positions tuple)
         self.unions = []  # (ids_a ndarray, ids_b ndarray, parity)
         self.restricts = []  # (ids ndarray, level)
+        self.dead = set()  # ids restricted to nothing so far: no law can reach them any more
 
     def new(self, n: int, level: int) -> torch.Tensor:
         base = self.n
@@ -75,6 +76,13 @@ class _Channels:
         ids = self._ids(t)
         if ids.size:
             self.restricts.append((ids, level))
+            if level == NONE:
+                self.dead.update(ids.tolist())
+
+    def all_dead(self, t) -> bool:
+        """Every channel of `t` was restricted to nothing: `t` is data to any later law."""
+        ids = self._ids(t)
+        return bool(ids.size) and all(i in self.dead for i in ids.tolist())
 
     def label(self, t, label):
         ids = self._ids(t)
@@ -810,6 +818,10 @@ def _mul(w: _Walk, node):
     a, b = node.args[0], node.args[1]
     div = _opname(node.target) == "div"
     shape, fa, fb = _broadcast_tags(w, node, a, b)
+    # channels already dead are data: γ ⊙ x̂ of a normalized x̂ (a per-head q/k RMSNorm written
+    # out) makes γ a producer
+    fa = None if fa is not None and w.ch.all_dead(fa) else fa
+    fb = None if fb is not None and w.ch.all_dead(fb) else fb
     if fa is None and fb is None:
         if not div:
             return _param_times_data(w, node, a, b, shape)
@@ -1251,7 +1263,7 @@ def _name_families(families):
     for f in families:
         mod = f.modules[0] if f.modules else "model"
         base = f"{f.kind}:{mod}"
-        if f.kind.startswith("attention"):
+        if f.kind.startswith("attention") and f.form == "matrix":  # (a diagonal one, q/k norm gains, spans the heads)
             counts[base] += 1
             f.name = f"{base}.h{counts[base] - 1}"
         else:

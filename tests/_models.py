@@ -280,6 +280,45 @@ class GPT2Attention(nn.Module):
         return self.c_proj(y)
 
 
+class HeadRMSNorm(nn.Module):
+    """RMSNorm over the last dim written out as Hugging Face does (Qwen3's q_norm / k_norm)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(1 + 0.3 * torch.randn(d))
+
+    def forward(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+
+
+def rotate(x):
+    """Rotary position embedding (rotate-half form) over the last dim of [..., T, d_h]."""
+    T, hd = x.shape[-2], x.shape[-1]
+    ang = torch.arange(T, dtype=x.dtype)[:, None] / 10000 ** (torch.arange(0, hd, 2, dtype=x.dtype) / hd)
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+    return x * cos + torch.cat([-x[..., hd // 2:], x[..., :hd // 2]], -1) * sin
+
+
+class QKNormAttention(nn.Module):
+    """Attention with per-head RMSNorm on q and k (Qwen3, OLMo2), gains shared by the heads,
+    optionally rotary: q, k, v, o Linear(8→8) without bias, 2 heads of 4, causal."""
+
+    def __init__(self, rope=True, d=8, heads=2):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d, bias=False) for _ in range(4))
+        self.qn, self.kn = HeadRMSNorm(d // heads), HeadRMSNorm(d // heads)
+        self.rope, self.heads = rope, heads
+
+    def forward(self, x):
+        B, T, d = x.shape
+        q, k, v = (lin(x).view(B, T, self.heads, d // self.heads) for lin in (self.q, self.k, self.v))
+        q, k = self.qn(q).transpose(1, 2), self.kn(k).transpose(1, 2)
+        if self.rope:
+            q, k = rotate(q), rotate(k)
+        y = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True)
+        return self.o(y.transpose(1, 2).reshape(B, T, d))
+
+
 MODELS = {
     "mlp": (MLP, mlp_laws),
     "cnn_bn": (ConvBN, convbn_laws),

@@ -352,6 +352,25 @@ def test_in_place_add_on_a_tensor_read_later_is_not_followed():
     check(m, (x,), torch.randn(3, 2).double())
 
 
+@pytest.mark.parametrize("rope", [False, True])
+def test_qk_norm_gains_law(rope):
+    # q = γ_q ⊙ RMSNorm(W_q x) per head (gains shared by the heads), k likewise: scaling γ_q[d]
+    # by c and γ_k[d] by 1/c keeps every logit, so γ_q[d]² − γ_k[d]² is conserved; rotary
+    # embedding rotates d with d + d_h/2, so then the pair is one unit
+    from _models import QKNormAttention
+
+    torch.manual_seed(11)
+    m = QKNormAttention(rope=rope).double()
+    x = torch.randn(2, 5, 8).double()
+    laws, _ = check(m, (x,), torch.randn(2, 5, 8).double())
+    (f,) = [f for f in laws if f.kind == "attention_qk"]
+    assert f.form == "diag" and f.name == "attention_qk:qn" and [t.param for t in f.terms] == ["qn.weight", "kn.weight"]
+    gq, gk = m.qn.weight.double() ** 2, m.kn.weight.double() ** 2
+    ref = gq - gk if not rope else (gq[:2] + gq[2:]) - (gk[:2] + gk[2:])
+    torch.testing.assert_close(laws.evaluate(m)[f.name], ref, rtol=1e-14, atol=1e-14)
+    assert len([f for f in laws if f.kind == "attention_vo"]) == 2  # the heads' VO laws as before
+
+
 def test_row_blocks_of_one_weight():
     # F.linear on W[:3] and on W[3:], each into a ReLU layer: two producers, each with its own
     # rescale law. Overlapping blocks (W[:4], W[2:]) share rows, and a block used by an op no

@@ -12,7 +12,7 @@ import consopt
 from consopt import models as M
 from consopt.projection import project
 
-from _models import EncoderDecoder, GPT2Attention, GroupedConv
+from _models import EncoderDecoder, GPT2Attention, GroupedConv, QKNormAttention
 
 DEV_TOL = 1e-10
 
@@ -40,6 +40,8 @@ def cases():
            F.cross_entropy, "cross_entropy", lambda o: o.softmax(-1))
     yield ("gpt2-attention", lambda: nn.Sequential(GPT2Attention(12, 3), nn.Flatten(), nn.Linear(60, 3)),
            torch.randn(8, 5, 12, generator=g), torch.randn(8, 3, generator=g), mse, None, lambda o: o)
+    yield ("qk-norm-rope", lambda: nn.Sequential(QKNormAttention(), nn.Flatten(), nn.Linear(40, 3)),
+           torch.randn(8, 5, 8, generator=g), torch.randn(8, 3, generator=g), mse, None, lambda o: o)
     yield ("grouped-conv", GroupedConv, torch.randn(6, 2, 5, 5, generator=g), torch.randn(6, 3, generator=g),
            mse, None, lambda o: o)
 
