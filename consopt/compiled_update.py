@@ -138,13 +138,15 @@ class CompiledUpdate:
         dt = seg.params[0].dtype
         if dt not in DTYPES:
             return False
-        for p, g in zip(seg.params, seg.grads):
-            if (p.device.type != "cpu" or p.dtype != dt or g.dtype != dt or g.layout != torch.strided
-                    or g.device != p.device or g.shape != p.shape):
+        strided = torch.strided
+        for p, g in zip(seg.params, seg.grads):  # (runs every step: dtypes and layouts are singletons)
+            if (not (p.is_cpu and g.is_cpu) or p.dtype is not dt or g.dtype is not dt or g.layout is not strided
+                    or g.shape != p.shape):
                 return False
-        if seg.momentum != 0 and any(b is None or b.dtype != dt or b.shape != p.shape
-                                     for b, p in zip(seg.bufs, seg.params)):
-            return False  # first step: torch creates the buffers
+        if seg.momentum != 0:
+            for b, p in zip(seg.bufs, seg.params):
+                if b is None or b.dtype is not dt or b.shape != p.shape:
+                    return False  # first step: torch creates the buffers
         return True
 
     @staticmethod

@@ -41,7 +41,7 @@ from typing import Iterable, Mapping
 import torch
 from torch import Tensor
 
-from .laws import Family, LawSet, Term
+from .laws import Family, FamilyValues, LawSet, Term
 from .native import stage_elements
 
 __all__ = ["LawEvaluator", "param_axis_stats", "first_nonfinite_grad", "deviation_stats", "BACKENDS"]
@@ -243,6 +243,56 @@ def _check_index(f: Family, t: Term, idx: Tensor, n: int) -> None:
                          f"range for size {n}")
 
 
+class _FlatLayout:
+    """Where one evaluation writes every family's value: one float64 vector in which each plan
+    bucket (a diag sign pattern, the vector families, a batch of matrix families) is a
+    contiguous block that its own ops write in place, so that a step hands over one vector
+    (`FamilyValues`) instead of a tensor per family. `where` = {family: (offset, numel, shape)}
+    (`FamilyValues.where`), `order` the families in vector order; `views` makes the per-family
+    tensors of a vector with one split (1-D families) or unbind (matrix batches) per run."""
+
+    def __init__(self, blocks: list, device: torch.device):
+        self.device = device
+        self.keys, self.sizes, self.shapes = [], [], []  # per bucket block, in vector order
+        self.where: dict = {}
+        self.order: list = []
+        self.runs: list = []  # (offset, numel, names, sizes of 1-D families | matrix block shape)
+        off = 0
+        for key, fams, shape in blocks:  # fams: [(name, its shape)] in block order
+            n = math.prod(shape)
+            self.keys.append(key)
+            self.sizes.append(n)
+            self.shapes.append(shape)
+            o = off
+            for name, fshape in fams:
+                self.where[name] = (o, math.prod(fshape), fshape)
+                self.order.append(name)
+                o += math.prod(fshape)
+            if len(shape) > 1:
+                self.runs.append((off, n, [name for name, _ in fams], shape))
+            elif self.runs and isinstance(self.runs[-1][3], list):  # neighbouring 1-D blocks: one split
+                o0, n0, names, sizes = self.runs[-1]
+                self.runs[-1] = (o0, n0 + n, names + [name for name, _ in fams], sizes + [s[0] for _, s in fams])
+            else:
+                self.runs.append((off, n, [name for name, _ in fams], [s[0] for _, s in fams]))
+            off += n
+        self.n = off
+
+    def blocks(self, out: Tensor) -> dict:
+        """{bucket key: its block of the vector `out`} (one split; matrix batches as [F, U, U])."""
+        return {k: b if len(shape) == 1 else b.view(shape)
+                for k, shape, b in zip(self.keys, self.shapes, out.split(self.sizes))}
+
+    def views(self, flat: Tensor, minus: Tensor | None = None) -> dict:
+        """{family: view} of a vector in this layout; with `minus`, of flat − minus, formed per
+        run (ops no larger than the evaluation's own: a vector-sized one would fork threads)."""
+        out = {}
+        for off, n, names, how in self.runs:
+            seg = flat[off:off + n] if minus is None else flat[off:off + n] - minus[off:off + n]
+            out.update(zip(names, seg.split(how) if isinstance(how, list) else seg.view(how).unbind(0)))
+        return out
+
+
 BACKENDS = ("eager", "compile", "native")
 
 
@@ -291,6 +341,8 @@ class LawEvaluator:
         matrix = [f for f in self.laws.families if f.name in names]  # as _build ordered them
         self._gram_specs, self._gram_plans, rest = self._build_grams(matrix)
         self._mat_rest_plans = self._build_matrix(rest)
+        if "_layouts" not in state:  # (pickled before the flat layouts)
+            self._layouts = self._build_layouts()
 
     @property
     def backend(self) -> str:
@@ -326,6 +378,7 @@ class LawEvaluator:
         self._vec_plans = self._build_vector(vector)
         self._gram_specs, self._gram_plans, rest = self._build_grams(matrix)
         self._mat_rest_plans = self._build_matrix(rest)  # with the native Grams: the others
+        self._layouts = self._build_layouts()
 
     @staticmethod
     def _family_device(f: Family, tensors) -> torch.device:
@@ -488,15 +541,67 @@ class LawEvaluator:
             specs.setdefault(param, [0, 0])[axis] = (u, arena, dest[(param, axis)])
         return specs, plans, rest
 
-    def _gram_values(self) -> dict:
-        """The families the native step formed Grams for: h = Σ_t s_t G_t from the arena."""
+    def _build_layouts(self) -> dict | None:
+        """The `_FlatLayout` of an evaluation with the native step's Grams (True) and without
+        (False: every matrix family from the batched X), or None where the law tensors are on
+        several devices (one vector per call) or every family is `Family.value`'s."""
+        if len({p.device for p in self.tensors.values()}) != 1 or len(self._generic) == len(self.laws.families):
+            return None
+        shapes = {n: p.shape for n, p in self.tensors.items()}
+        blocks = []
+        for i, plan in enumerate(self._diag_plans):
+            for j, b in enumerate(plan["buckets"]):
+                blocks.append((("diag", i, j), [(n, (u,)) for n, u in zip(b["names"], b["sizes"])],
+                               (sum(b["sizes"]),)))
+        if self._vec_plans:  # (one cat writes them all)
+            vec = [(name, self.laws[name].shape(shapes)) for name, _ in self._vec_plans]
+            blocks.append((("vec",), vec, (sum(shape[0] for _, shape in vec),)))
+
+        def matrix(kind, plans):
+            return [((kind, i), [(n, (p["units"], p["units"])) for n in p["fams"]],
+                     (len(p["fams"]), p["units"], p["units"])) for i, p in enumerate(plans)]
+
+        gram_plans = [{"fams": p["fams"], "units": p["view"].shape[-1]} for p in self._gram_plans]
+        device = next(iter(self.tensors.values())).device
+        return {True: _FlatLayout(blocks + matrix("gram", gram_plans) + matrix("rest", self._mat_rest_plans), device),
+                False: _FlatLayout(blocks + matrix("mat", self._mat_plans), device)}
+
+    def layout_of(self, values) -> _FlatLayout | None:
+        """The flat layout of `values` if it is a `FamilyValues` this evaluator wrote, else None."""
+        if isinstance(values, FamilyValues) and self._layouts is not None:
+            for lay in self._layouts.values():
+                if values.where is lay.where:
+                    return lay
+        return None
+
+    def as_dict(self, values: Mapping, minus: Tensor | None = None) -> dict:
+        """{family: float64 tensor} in `self.names` order from this evaluator's values (a
+        `FamilyValues` in one of its layouts: the views of its vector, a few calls in all); with
+        `minus` (a vector in the same layout, values without `extra`): of values − minus."""
+        lay = self.layout_of(values)
+        if lay is None:
+            return values if isinstance(values, dict) else {n: values[n] for n in self.names}
+        views = lay.views(values.flat, minus)
+        views.update(values.extra)
+        return {n: views[n] for n in self.names}
+
+    def _gram_values(self, block=None) -> dict:
+        """The families the native step formed Grams for: h = Σ_t s_t G_t from the arena (written
+        into `block(key)` of a flat vector where given)."""
         vals = {}
-        for plan in self._gram_plans:
+        for i, plan in enumerate(self._gram_plans):
             a, signs = plan["view"], plan["signs"]
-            h = a[0].clone() if signs[0] > 0 else -a[0]
-            for t in range(1, len(signs)):
+            dst = None if block is None else block(("gram", i))
+            if len(signs) > 1 and signs[0] > 0:  # a₀ + s₁a₁ in one pass (the sum a copy and add_ form)
+                h, first = torch.add(a[0], a[1], alpha=signs[1], out=dst), 2
+            elif signs[0] > 0:
+                h, first = a[0].clone() if dst is None else dst.copy_(a[0]), 1
+            else:
+                h, first = torch.neg(a[0], out=dst), 1
+            for t in range(first, len(signs)):
                 h.add_(a[t], alpha=signs[t])
-            vals.update(zip(plan["fams"], h.unbind(0)))
+            if block is None:
+                vals.update(zip(plan["fams"], h.unbind(0)))
         return vals
 
     @staticmethod
@@ -510,10 +615,11 @@ class LawEvaluator:
             src = pm[fill["index"]]
         return src.flatten(2)
 
-    def _matrix_values(self, tensors, graph: bool, plans=None) -> dict:
+    def _matrix_values(self, tensors, graph: bool, plans=None, block=None) -> dict:
         """Per batch h = X₊X₊ᵀ − X₋X₋ᵀ (X₊: the producer terms side by side, X₋: the
         consumers): each family's Σ_t s_t M_t M_tᵀ in two float64 bmm, every product formed
-        exactly from the stored values (in a compiled graph: one bmm per term, summed)."""
+        exactly from the stored values (in a compiled graph: one bmm per term, summed). Written
+        into `block(key)` of a flat vector where given (the same two bmm, in place)."""
         vals = {}
         for i, plan in enumerate(self._mat_plans if plans is None else plans):
             n_f, units = len(plan["fams"]), plan["units"]
@@ -539,10 +645,15 @@ class LawEvaluator:
                     x[a:e, :, k0:k1].copy_(self._fill_source(tensors, f))
             k = plan["split"]  # X = [producers | consumers]: h = X₊X₊ᵀ − X₋X₋ᵀ
             xp, xn = x[:, :, :k], x[:, :, k:]
-            h = torch.bmm(xp, xp.transpose(1, 2))
+            if block is None:
+                h = torch.bmm(xp, xp.transpose(1, 2))
+                if xn.shape[2]:
+                    h = torch.baddbmm(h, xn, xn.transpose(1, 2), alpha=-1)
+                vals.update(zip(plan["fams"], h.unbind(0)))
+                continue
+            h = torch.bmm(xp, xp.transpose(1, 2), out=block(("mat" if plans is None else "rest", i)))
             if xn.shape[2]:
-                h = torch.baddbmm(h, xn, xn.transpose(1, 2), alpha=-1)
-            vals.update(zip(plan["fams"], h.unbind(0)))
+                h.baddbmm_(xn, xn.transpose(1, 2), alpha=-1)
         return vals
 
     # -- evaluation ------------------------------------------------------------------------
@@ -570,25 +681,38 @@ class LawEvaluator:
                 out[(name,) + k] = v
         return out
 
-    def _values(self, ps: tuple, graph: bool, stats: dict | None = None) -> list:
-        """The family values (in `self.names` order) from the law parameters `ps` (in
-        `self.tensors` order). A pure function of `ps` given the plan; graph=True uses the
-        unchunked statistics, for torch.compile; `stats` (from the native step) replaces the
+    def _values(self, ps: tuple, graph: bool, stats: dict | None = None, flat: bool = False):
+        """The family values from the law parameters `ps` (in `self.tensors` order): a list in
+        `self.names` order, or with flat=True (where the plan has a `_FlatLayout`) a
+        `FamilyValues` over one float64 vector that every bucket's ops write in place (the same
+        ops: bitwise the list's values). A pure function of `ps` given the plan; graph=True uses
+        the unchunked statistics, for torch.compile; `stats` (from the native step) replaces the
         statistics pass."""
         tensors = dict(zip(self.tensors.keys(), ps))
         if stats is None:
             stats = self._stats_graph(tensors) if graph else self._stats_eager(tensors)
+        grams = bool(self._gram_plans) and all(
+            (p, "gram", a) in stats for p, req in self._gram_specs.items() for a in (0, 1) if req[a])
+        lay = self._layouts[grams] if flat and self._layouts is not None else None
+        if lay is not None:
+            out = torch.empty(lay.n, dtype=_F64, device=lay.device)
+            block = lay.blocks(out).__getitem__
         vals = {}
-        for plan in self._diag_plans:
-            allstats = torch.cat([stats[k].reshape(-1) for k in plan["keys"]])
-            for b in plan["buckets"]:  # Σ_w s_w stat[src_w], left to right (as Family.value sums)
+        for i, plan in enumerate(self._diag_plans):
+            allstats = torch.cat([stats[k] for k in plan["keys"]])  # (every statistic is a vector)
+            for j, b in enumerate(plan["buckets"]):  # Σ_w s_w stat[src_w], left to right (as Family.value sums)
                 src, signs = b["src"], b["signs"]
-                v = allstats.index_select(0, src[0])
+                if lay is None:
+                    v = allstats.index_select(0, src[0])
+                else:
+                    v = torch.index_select(allstats, 0, src[0], out=block(("diag", i, j)))
                 if signs[0] < 0:
                     v = v.neg_()
                 for w in range(1, len(signs)):
                     v.add_(allstats.index_select(0, src[w]), alpha=signs[w])
-                vals.update(zip(b["names"], v.split(b["sizes"])))
+                if lay is None:
+                    vals.update(zip(b["names"], v.split(b["sizes"])))
+        vec_parts = []
         for name, pieces in self._vec_plans:
             parts = []
             for kind, key, sign in pieces:
@@ -598,9 +722,20 @@ class LawEvaluator:
                     pname, axis, idx, units = key
                     x = tensors[pname].movedim(axis, 0)[idx].reshape(units, -1).to(_F64).sum(0)
                 parts.append(x if sign == 1.0 else x * sign)
-            vals[name] = torch.cat(parts)
-        if stats is not None and self._gram_plans and all(
-                (p, "gram", a) in stats for p, req in self._gram_specs.items() for a in (0, 1) if req[a]):
+            if lay is None:
+                vals[name] = torch.cat(parts)
+            else:
+                vec_parts += parts
+        if lay is not None:
+            if vec_parts:
+                torch.cat(vec_parts, out=block(("vec",)))
+            if grams:
+                self._gram_values(block)
+                self._matrix_values(tensors, graph, self._mat_rest_plans, block)
+            else:
+                self._matrix_values(tensors, graph, None, block)
+            return FamilyValues(out, lay.where, self.names, {f.name: f.value(tensors) for f in self._generic})
+        if grams:
             vals.update(self._gram_values())  # the native step's Grams
             vals.update(self._matrix_values(tensors, graph, self._mat_rest_plans))
         else:
@@ -623,7 +758,17 @@ class LawEvaluator:
     def values_from_stats(self, stats: dict) -> dict:
         """{family: h} from precomputed statistics {(name, op, axis): float64 tensor} of the
         current parameters (the native step's); Grams and other terms from the parameters."""
-        return dict(zip(self.names, self._values(tuple(self.tensors.values()), False, stats)))
+        return self.as_dict(self.flat_values_from_stats(stats))
+
+    @torch.no_grad()
+    def flat_values_from_stats(self, stats: dict) -> Mapping:
+        """`values_from_stats` as a `FamilyValues` over one vector (a dict where the plan has no
+        flat layout): what the optimizer keeps after each step, so that nobody builds a tensor
+        per family unless `deviation()` is read."""
+        return self._mapping(self._values(tuple(self.tensors.values()), False, stats, flat=True))
+
+    def _mapping(self, vals) -> Mapping:
+        return vals if isinstance(vals, FamilyValues) else dict(zip(self.names, vals))
 
     def _native_stats(self) -> dict | None:
         from .native import NativeStats, NativeUnavailable
@@ -645,10 +790,15 @@ class LawEvaluator:
 
     @torch.no_grad()
     def __call__(self) -> dict:
+        return self.as_dict(self.flat_values())
+
+    @torch.no_grad()
+    def flat_values(self) -> Mapping:
+        """`evaluator()` as a `FamilyValues` over one vector where the plan has a flat layout (the
+        compile backend's graph, or law tensors on several devices: a dict)."""
         ps = tuple(p.detach() for p in self.tensors.values())
         if self._backend == "native":
-            stats = self._native_stats()
-            return dict(zip(self.names, self._values(ps, False, stats)))
+            return self._mapping(self._values(ps, False, self._native_stats(), flat=True))
         if self._backend == "compile":
             try:
                 if self._compiled is None:
@@ -661,7 +811,7 @@ class LawEvaluator:
                               f"{str(e)[:300]}); using the eager backend", RuntimeWarning, stacklevel=2)
                 self._backend = "eager"
                 self._compiled = None
-        return dict(zip(self.names, self._values(ps, graph=False)))
+        return self._mapping(self._values(ps, False, flat=True))
 
     @torch.no_grad()
     def scale(self) -> dict:

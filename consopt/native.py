@@ -31,6 +31,7 @@ update is applied instead, and the optimizer uses torch's update from then on, w
 
 from __future__ import annotations
 
+import array
 import ctypes
 import hashlib
 import math
@@ -396,12 +397,13 @@ class Layout:
         (unless flags has STATS_ONLY) and the statistics. Bumps autograd's version counters of
         what it wrote."""
         lib = load()
-        P = _i64(p.data_ptr() for p in params)
-        G = _i64(g.data_ptr() for g in grads) if grads else P
-        M = _i64(b.data_ptr() for b in bufs) if bufs else P
+        n = len(params)  # the data pointers of params | grads | bufs (params where none), one array
+        table = array.array("q", [t.data_ptr() for ts in (params, grads or params, bufs or params) for t in ts])
+        P = table.buffer_info()[0]
+        G, M = P + 8 * n, P + 16 * n
         (c, rs, rq, cs, cq, sums, part, offs, nbs, it_t, it_r0, it_r1, it_b, rgu, rg, rgo, cgu, cg, cgo, gpart,
          goffs, cost) = self._ptrs
-        rc = lib.consopt_sgd_stats(DTYPES[dtype], flags, self.n_tensors, P.data_ptr(), G.data_ptr(), M.data_ptr(),
+        rc = lib.consopt_sgd_stats(DTYPES[dtype], flags, self.n_tensors, P, G, M,
                                    c, rs, rq, cs, cq, sums, part, offs, nbs, self.n_items, it_t, it_r0, it_r1, it_b,
                                    rgu, rg, rgo, cgu, cg, cgo, gpart, goffs, self.stage_max, cost,
                                    neg_lr, mu, damp1, lam, torch.get_num_threads())
@@ -422,7 +424,10 @@ def kernel_flags(seg) -> int:
 
 
 def _contiguous(ts) -> bool:
-    return all(t.is_contiguous() for t in ts)
+    for t in ts:
+        if not t.is_contiguous():
+            return False
+    return True
 
 
 def _span(t: Tensor) -> tuple:
@@ -462,7 +467,7 @@ class NativeStats:
         dims of a parameter with more than two (a conv weight's input channels)."""
         from .functional import _axis_from_cols
 
-        key = tuple((id(where[n][0]), where[n][1]) for n in self.needs)
+        key = tuple(map(where.__getitem__, self.needs))  # ((layout, index) per law tensor: by identity)
         cached = self._views.get(key)
         if cached is None:
             if len(self._views) >= 4 * _MAX_LAYOUTS:
@@ -553,8 +558,12 @@ class NativeStep:
         """Whether the kernel can take this segment: one float32/float64 dtype, contiguous params,
         grads and buffers."""
         dt = seg.params[0].dtype
-        return (dt in DTYPES and all(p.dtype == dt for p in seg.params) and _contiguous(seg.params)
-                and _contiguous(seg.grads) and _contiguous(seg.bufs))
+        if dt not in DTYPES:
+            return False
+        for p in seg.params:  # (runs every step: plain loops)
+            if p.dtype is not dt or not p.is_contiguous():
+                return False
+        return _contiguous(seg.grads) and _contiguous(seg.bufs)
 
     def _disable(self, why: str) -> None:
         import warnings
@@ -581,9 +590,9 @@ class NativeStep:
         for j, s in enumerate(segments):
             if not s.params:
                 continue
-            names = [self._law_ids.get(id(p)) for p in s.params]
-            key = (tuple(map(id, s.params)), tuple(p.shape for p in s.params), tuple(names), s.params[0].dtype,
-                   kernel_flags(s))
+            ids = tuple(map(id, s.params))
+            names = tuple(map(self._law_ids.get, ids))
+            key = (ids, tuple(p.shape for p in s.params), names, s.params[0].dtype, kernel_flags(s))
             first = key not in self._layouts
             if first and _overlapping(s.params + s.grads + s.bufs):
                 continue  # views sharing memory: torch's list-by-list update

@@ -20,7 +20,7 @@ from torch.optim.optimizer import _use_grad_for_differentiable
 from torch.optim.sgd import sgd as _torch_sgd
 
 from .functional import LawEvaluator, deviation_stats, first_nonfinite_grad
-from .laws import LawSet
+from .laws import FamilyValues, LawSet
 
 __all__ = ["SGD"]
 
@@ -36,7 +36,9 @@ class _LawTracker:
 
     On the PyTorch path h(θ_t) is evaluated when it is first read after a step (`current()`),
     from the parameters as they are then, so steps whose deviation nobody reads cost torch's
-    update only. The fused path hands over the values its kernels formed during the update."""
+    update only. The fused path hands over the values its kernels formed during the update.
+    Values are kept as the evaluator (or the fused step) gives them: a `FamilyValues` over one
+    vector where it can, so that `deviation()` is a few vector subtractions."""
 
     def __init__(self, laws: LawSet, tensors: Mapping[str, Tensor]):
         self.laws = laws
@@ -47,6 +49,7 @@ class _LawTracker:
         self.scale0: dict | None = None
         self.steps = 0
         self.skipped: Tensor | None = None  # steps skipped by a fused GradScaler step (on device)
+        self._h0_flat = None  # (h0, a flat layout, h0 in that layout): see `deviation`
 
     @property
     def started(self) -> bool:
@@ -57,7 +60,7 @@ class _LawTracker:
         return self.evaluator.tensors[f.terms[0].param].device
 
     def reset(self) -> None:
-        h = self.evaluator()
+        h = self.evaluator.flat_values()
         self.h0, self.h = h, h
         self.scale0 = self.evaluator.scale()
         self.steps, self.skipped = 0, None
@@ -69,10 +72,10 @@ class _LawTracker:
             s = (found_inf.detach() > 0).to(torch.int64).reshape(-1).sum()
             self.skipped = s if self.skipped is None else self.skipped + s.to(self.skipped.device)
 
-    def current(self) -> dict:
+    def current(self) -> Mapping:
         """h(θ_t) for every family (evaluated now if the last step did not provide it)."""
         if self.h is None:
-            self.h = self.evaluator()
+            self.h = self.evaluator.flat_values()
         return self.h
 
     def num_steps(self) -> int:
@@ -84,8 +87,21 @@ class _LawTracker:
             return {n: torch.zeros(self.laws[n].shape(shapes), dtype=torch.float64, device=self.family_device(n))
                     for n in self.names}
         h = self.current()
+        lay = self.evaluator.layout_of(h)
+        if lay is not None and not h.extra:  # a few subtractions over the evaluator's vector
+            return self.evaluator.as_dict(h, minus=self._h0_in(lay))
         names = self.names
         return dict(zip(names, torch._foreach_sub([h[n] for n in names], [self.h0[n] for n in names])))
+
+    def _h0_in(self, lay) -> Tensor:
+        """h0 as one vector in the flat layout `lay` (formed once per h0 and layout)."""
+        h0 = self.h0
+        if isinstance(h0, FamilyValues) and h0.where is lay.where:
+            return h0.flat
+        cached = getattr(self, "_h0_flat", None)  # (trackers pickled before it have none)
+        if cached is None or cached[0] is not h0 or cached[1] is not lay:
+            cached = self._h0_flat = (h0, lay, torch.cat([h0[n].reshape(-1) for n in lay.order]))
+        return cached[2]
 
     def stats(self) -> dict:
         if not self.started:
@@ -653,7 +669,7 @@ class SGD(torch.optim.SGD):
         if not stats and self._native.needs:
             return None  # updated; a law tensor it cannot read: evaluated when read
         self._step_stats = stats  # (the projection's first measurement; views, valid until the next call)
-        values = ev.values_from_stats(stats)
+        values = ev.flat_values_from_stats(stats)
         if not self._native_checked:  # once: the values against the evaluator's own pass
             self._native_checked = True
             ref = ev.values_from_stats(ev._stats_eager({n: p.detach() for n, p in ev.tensors.items()}))
@@ -750,12 +766,12 @@ class SGD(torch.optim.SGD):
         return self._cpu_update(segments)
 
     def _check_law_grads(self) -> None:
-        shapes = self.laws.param_shapes
+        shapes, strided = self.laws.param_shapes, torch.strided
         for name, p in self._law_params:
             if p.shape != shapes[name]:  # (.data replaced): check_params names it
                 self.laws.check_params(dict(self._law_params), what="optimizer's parameters")
             g = p.grad
-            if g is not None and g.layout != torch.strided:
+            if g is not None and g.layout is not strided:
                 raise ValueError(f"law parameter {name!r} has a sparse gradient ({g.layout}); consopt "
                                  "tracks laws for dense gradients only (e.g. nn.Embedding(sparse=False))")
 

@@ -340,6 +340,47 @@ def test_non_contiguous_takes_torch_path():
         assert float(((d - (h[k] - h0[k])).abs() / sc[k].clamp_min(1e-300)).max()) <= 1e-12, k
 
 
+@pytest.mark.parametrize("change", ["moved", "grad", "buffer", "shape"])
+def test_changes_between_native_steps_are_seen(change):
+    """Once the native step has run (its layouts checked and kept), a change to what it reads is
+    seen at the next step: a parameter moved to new memory (new pointers), a non-contiguous
+    gradient or momentum buffer (torch's update for its group), a parameter of another shape
+    (the error that names it). Parameters stay torch's bit for bit, deviations exact."""
+    model, laws = build("mlp", torch.float32, seed=_seed_of("changes", change))
+    ref = copy.deepcopy(model)
+    h0 = laws.evaluate(model)
+    opt = consopt.SGD(model.parameters(), lr=0.05, momentum=0.9, laws=laws)
+    o_ref = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
+    g = torch.Generator().manual_seed(_seed_of("changes-data", change))
+    _train_pair(model, ref, opt, o_ref, g, 3)
+    assert opt._native is not None and opt._native._layouts
+    fill_grads(model, *model.example_inputs(generator=g))
+    w = model.fc2.weight
+    with torch.no_grad():
+        if change == "moved":
+            w.data = w.data.clone()
+        elif change == "grad":
+            w.grad = w.grad.t().contiguous().t()
+        elif change == "buffer":
+            opt.state[w]["momentum_buffer"] = opt.state[w]["momentum_buffer"].t().contiguous().t()
+        else:
+            w.data = torch.zeros(w.shape[0] + 1, w.shape[1])
+            w.grad = torch.zeros_like(w.data)
+            with pytest.raises(ValueError, match=r"'fc2\.weight' has shape \(12, 13\)"):
+                opt.step()
+            return
+    assert w.grad.is_contiguous() == (change != "grad")
+    for a, b in zip(ref.parameters(), model.parameters()):
+        a.grad = b.grad.clone()
+    opt.step()
+    o_ref.step()
+    for a, b in zip(ref.parameters(), model.parameters()):
+        assert _same(a, b) and _same(o_ref.state[a]["momentum_buffer"], opt.state[b]["momentum_buffer"])
+    h, sc = laws.evaluate(model), laws.scale(model)
+    for k, d in opt.deviation().items():
+        assert float(((d - (h[k] - h0[k])).abs() / sc[k].clamp_min(1e-300)).max()) <= 1e-12, k
+
+
 def test_native_is_the_cpu_default():
     """On the CPU with a compiler the optimizer takes the native step by default: h(θ_t) comes
     from the step itself (the evaluator runs once, for h(θ_0)), and reads cost no evaluation."""
@@ -348,10 +389,10 @@ def test_native_is_the_cpu_default():
     assert opt.tracking_backend == "native"
     calls = []
     ev = opt._tracker.evaluator
-    real = type(ev).__call__
+    real = type(ev).flat_values  # (what the optimizer evaluates with; evaluator() too)
     h0 = laws.evaluate(model)
     g = torch.Generator().manual_seed(_seed_of("default-data"))
-    type(ev).__call__ = lambda self: (calls.append(1), real(self))[1]
+    type(ev).flat_values = lambda self: (calls.append(1), real(self))[1]
     try:
         for _ in range(4):
             fill_grads(model, *model.example_inputs(generator=g))
@@ -359,7 +400,7 @@ def test_native_is_the_cpu_default():
         dev = opt.deviation()
         opt.deviation_stats()
     finally:
-        type(ev).__call__ = real
+        type(ev).flat_values = real
     assert len(calls) == 1 and opt._native is not None and opt._native.disabled is None
     h, sc = laws.evaluate(model), laws.scale(model)
     for k, d in dev.items():
