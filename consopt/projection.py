@@ -780,7 +780,11 @@ class _Stats:
         `LawEvaluator`'s `values_from_stats`; Gram matrices are formed from the parameters);
         `vals`: the split families' values themselves, already computed (a folded pass)."""
         if vals is None:
-            vals = self.evaluate() if stats is None else self.evaluate.values_from_stats(stats)
+            ev = self.evaluate  # (a LawEvaluator writes one vector: gathered below in one op)
+            if hasattr(ev, "flat_values"):
+                vals = ev.flat_values() if stats is None else ev.flat_values_from_stats(stats)
+            else:
+                vals = ev() if stats is None else ev.values_from_stats(stats)
         z = torch.zeros(1, dtype=torch.float64, device=self.device)
         if isinstance(vals, FamilyValues) and not vals.extra:  # one gather instead of a view per family
             idx = self._gather.get(id(vals.where))
