@@ -1408,13 +1408,13 @@ class _ColouredProjector:
                         X, _ = _lyapunov(P + C, h0m - (P - C) + dR, eig, r, self._lyap_tol)
                 eye = torch.eye(r, dtype=torch.float64, device=dev)
                 step, bad = _newton_action(X, eye)
-                # producers: A − I, consumers: A⁻ᵀ − I (0 for a step not taken)
+                # producers: E = A − I, consumers: A⁻ᵀ − I (0 for a step not taken); a column m
+                # of M gains Σ (GM)² − M² = mᵀ Q m, Q = GᵀG − I = EᵀE + E + Eᵀ (r × r, tiny)
                 E = torch.stack([torch.where(bad[:, None, None], 0, X), step[X.shape[0]:] - eye])
+                Q = E.mT @ E + E + E.mT
                 for s, M in zip(b["stacks"], ms):
-                    Es = torch.where(s["prod"][:, None, None], E[0][s["pos"]], E[1][s["pos"]]).to(M.dtype)
-                    EM = torch.bmm(Es, M)
-                    # Σ (GM)² − M² per column
-                    delta = (EM * (2 * M + EM)).sum(1, dtype=torch.float64).reshape(-1)[s["on"]]
+                    Qs = torch.where(s["prod"][:, None, None], Q[0][s["pos"]], Q[1][s["pos"]]).to(M.dtype)
+                    delta = (torch.bmm(Qs, M) * M).sum(1).double().reshape(-1)[s["on"]]
                     dp.index_add_(0, s["unit"], torch.where(s["to_p"], delta, 0))
                     dc.index_add_(0, s["unit"], torch.where(s["to_p"], 0, delta))
         p2, c2 = p + dp, c + dc
