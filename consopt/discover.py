@@ -160,6 +160,7 @@ class _Walk:
         self.param_users = defaultdict(set)  # parameter -> ops that use it whole
         self.row_users = defaultdict(list)  # parameter -> [(op, first row, end row)]: packed slices
         self.views = {}  # node -> (parameter, first row, rows), or a tuple of them (a split)
+        self.inplace = set()  # in-place ops followed as their out-of-place forms (`_fresh_target`)
         self.transposed = {}  # node -> parameter: W.T, W.t(), W.transpose(0, 1) of a 2-D parameter
         self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
         self.untracked = set()  # parameters some op uses in a way no rule follows
@@ -253,6 +254,7 @@ class _Walk:
                 rule = RULES.get(name)
                 if rule is None and name.endswith("_") and name[:-1] in RULES and self._fresh_target(node):
                     rule = RULES[name[:-1]]  # x += y on a tensor nothing else reads: as x + y
+                    self.inplace.add(node)
                 if rule is None:
                     if self.tagged_inputs(node):
                         self.unknown[_opname(node.target)] += 1

@@ -331,6 +331,32 @@ def test_idioms_have_the_reference_laws(idiom):
         torch.testing.assert_close(v[k], rv[k], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("in_place", [False, True])
+def test_translation_through_an_in_place_residual(in_place):
+    # a per-token shift of fc's output passes the residual sum (written `r += e` or `r = r + e`)
+    # and is absorbed by the LayerNorm (the embedding's also reaches fc0's ReLU: no law)
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.fc0, self.fc = nn.Embedding(7, 6), nn.Linear(6, 5), nn.Linear(5, 6)
+            self.ln, self.head = nn.LayerNorm(6), nn.Linear(6, 3)
+
+        def forward(self, t):
+            e = self.emb(t)
+            r = self.fc(torch.relu(self.fc0(e)))
+            if in_place:
+                r += e
+            else:
+                r = r + e
+            return self.head(self.ln(r))
+
+    torch.manual_seed(12)
+    m = Net().double()
+    t = torch.randint(0, 7, (2, 4))
+    laws, _ = check(m, (t,), torch.randn(2, 4, 3).double())
+    assert [f.name for f in laws if f.kind == "translation"] == ["translation:fc"]
+
+
 def test_in_place_add_on_a_tensor_read_later_is_not_followed():
     # h += y where h is read again afterwards: its readers see the sum, so the rule of `+` does
     # not apply; the channels are dropped, never given a wrong law
