@@ -231,9 +231,10 @@ def _node(node, carry, groups, mode, loss, broken, inplace=frozenset()):
         carry[node] = out
         return True
     if name == "einsum" and mode == "channel":
-        (a, b), plan = node.args[1], _EinsumPlan.of(node.args[0], [_shape(x) for x in node.args[1]])
-        if plan is None or b not in carry or not plan.contr:
+        plan = _EinsumPlan.of(node.args[0], [_shape(x) for x in node.args[1]])
+        if plan is None or node.args[1][1] not in carry or not plan.contr:
             return False
+        a, b = node.args[1]
         out = _key_shift(plan.lay(get(a), 0) if a in carry else None, plan.lay(get(b), 1), plan.bs + (plan.n, plan.m),
                          groups, broken)
         if out is None:

@@ -268,6 +268,27 @@ def test_einsum_attention_has_the_matmul_laws(style):
         torch.testing.assert_close(v[k], rv[k], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("eq", ["...qd,...kd->...qk", "bqd,bkd->bqdk", "bqd->bdq", "bqd,bqd->bq", "bqd,bke->bqkde"])
+def test_unusual_einsums_claim_nothing_wrong(eq):
+    # ellipses, a contraction kept in the output, one operand, a diagonal-free elementwise product,
+    # an outer product: followed where the rule applies, dropped otherwise, never a wrong law
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.o = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            ops = (self.a(x), self.b(x)) if "," in eq else (self.a(x),)
+            y = torch.einsum(eq, *ops)
+            y = torch.relu(y.reshape(x.shape[0], x.shape[1], -1))
+            return self.o(y[..., :4] if y.shape[-1] >= 4 else y.expand(-1, -1, 4))
+
+    torch.manual_seed(13)
+    m = Net().double()
+    x = torch.randn(2, 4, 4).double()
+    check(m, (x,), torch.randn(2, 4, 3).double())
+
+
 def test_einsum_with_a_parameter_drops_its_laws():
     # "btd,od->bto" is a Linear written as an einsum: not followed, so W keeps no law
     class Net(nn.Module):
