@@ -83,6 +83,10 @@ def builders(T):
         "bloom": lambda: (T.BloomForCausalLM(T.BloomConfig(hidden_size=16, n_layer=2, n_head=2, vocab_size=V,
                                                            hidden_dropout=0.0, attention_dropout=0.0)),
                           lm, (_ids(),), "cross_entropy"),
+        "falcon": lambda: (T.FalconForCausalLM(T.FalconConfig(
+            hidden_size=16, num_hidden_layers=2, num_attention_heads=2, vocab_size=V, hidden_dropout=0.0,
+            attention_dropout=0.0, new_decoder_architecture=False, multi_query=True, parallel_attn=True, bias=False)),
+            lm, (_ids(),), "cross_entropy"),
         "bert": lambda: (T.BertForMaskedLM(T.BertConfig(**bert)), enc, (_ids(),), "cross_entropy"),
         "roberta": lambda: (T.RobertaForMaskedLM(T.RobertaConfig(**bert, pad_token_id=1)), enc, (_ids(),),
                             "cross_entropy"),

@@ -152,8 +152,12 @@ def _is_tagged(t) -> bool:
 # The walk
 # ----------------------------------------------------------------------------------------------
 class _Walk:
-    def __init__(self, gm, param_of: dict):
+    def __init__(self, gm, param_of: dict, constants: dict | None = None):
         self.gm = gm
+        # placeholder name -> value of a tensor constant the trace lifted (an index list built in
+        # forward): `index` with constant indices moves channels like a layout op
+        self.consts = {n: constants[n.name] for n in gm.graph.nodes
+                       if n.op == "placeholder" and constants and n.name in constants}
         self.param_of = param_of  # placeholder node name -> parameter FQN
         self.ch = _Channels()
         self.tags = {}  # node -> tag tensor | tuple | None
@@ -251,6 +255,9 @@ class _Walk:
                 self.tags[node] = None
             elif node.op == "call_function":
                 name = _opname(node.target)
+                src = node.args[0] if node.args else None
+                if name in _SAME_VALUE and isinstance(src, torch.fx.Node) and src in self.consts:
+                    self.consts[node] = self.consts[src]  # (a constant copied or cast is that constant)
                 rule = RULES.get(name)
                 if rule is None and name.endswith("_") and name[:-1] in RULES and self._fresh_target(node):
                     rule = RULES[name[:-1]]  # x += y on a tensor nothing else reads: as x + y
@@ -545,7 +552,7 @@ BREAKING_OPS = ("gelu", "silu", "tanh", "sigmoid", "softmax", "_softmax", "log_s
                 "pow", "sqrt", "rsqrt", "sin", "cos", "elu", "selu", "celu", "softplus", "mish", "hardswish",
                 "hardsigmoid", "hardtanh", "clamp", "clamp_min", "clamp_max", "where", "erf", "logsumexp", "var",
                 "std", "norm", "linalg_vector_norm", "reciprocal", "square", "sign", "round", "floor", "ceil",
-                "masked_fill", "index_select", "gather", "scatter", "index", "sort", "topk", "cumsum", "var_mean",
+                "masked_fill", "index_select", "gather", "scatter", "sort", "topk", "cumsum", "var_mean",
                 "glu", "relu6", "threshold", "log_sigmoid", "logit", "atan", "tan", "sinh", "cosh")
 for _n in BREAKING_OPS:
     RULES[_n] = _break
@@ -554,6 +561,27 @@ for _n in BREAKING_OPS:
 @rule("_to_copy", "to", "type_as", "_assert_tensor_metadata")
 def _to(w: _Walk, node):
     return w.tags.get(node.args[0]) if isinstance(node.args[0], torch.fx.Node) else None
+
+
+@rule("index")
+def _index(w: _Walk, node):
+    """x[..., c] with constant integer indices c (lifted by the trace, as Falcon's multi-query
+    k, v picked from the fused projection): channels move as the positions do. Indices that are
+    data (or boolean masks) break the channels they touch."""
+    src, idx = node.args[0], node.args[1]
+    t = w.tag(src)
+    if t is None:
+        return None
+    vals = [None if i is None else w.consts.get(i) for i in idx]
+    if any(i is not None and (v is None or v.dtype not in (torch.int64, torch.int32)) for i, v in zip(idx, vals)):
+        w.break_all(node)
+        return None
+    try:
+        out = aten.index.Tensor(_expand(t, w.shape(src)), vals)
+    except Exception:  # noqa: BLE001 - an index the tags cannot follow: no law through it
+        w.break_all(node)
+        return None
+    return _compress(out) if _is_tagged(out) else None
 
 
 @rule("dropout", "native_dropout")
@@ -611,6 +639,7 @@ def apply_layout(node, get_tag, get_shape):
     return _compress(out) if _is_tagged(out) else None
 
 
+_SAME_VALUE = ("lift_fresh_copy", "detach", "detach_", "clone", "alias", "contiguous", "_to_copy", "to")
 _ROW_SPLITS = ("split", "split_with_sizes", "chunk", "tensor_split", "unsafe_split", "unsafe_chunk")
 _TRANSPOSES = ("numpy_T", "t", "transpose", "permute", "swapaxes", "swapdims", "mT", "adjoint")
 
@@ -1351,7 +1380,9 @@ def find_laws(model, example_inputs, *, loss=None, approximate=False) -> LawSet:
     sig = ep.graph_signature
     param_of = dict(sig.inputs_to_parameters)
     order = {n: i for i, n in enumerate(params)}
-    walk = _Walk(ep.graph_module, param_of)
+    lifted = getattr(sig, "inputs_to_lifted_tensor_constants", {}) or {}
+    constants = {ph: ep.constants[c] for ph, c in lifted.items() if torch.is_tensor(ep.constants.get(c))}
+    walk = _Walk(ep.graph_module, param_of, constants)
     walk.run()
     families = _resolve(walk, order)
     from .discover_shift import shift_laws

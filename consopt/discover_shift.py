@@ -61,7 +61,7 @@ def _full_along(t, shape):
 GROUP_BASE = 1 << 40  # tag ids at or above this stand for a set of channel symbols (after a contraction)
 
 
-def _propagate(nodes, start_idx, start_tag, mode, loss, inplace=frozenset()):
+def _propagate(nodes, start_idx, start_tag, mode, loss, walk=None):
     """Which symbols of the perturbation starting at nodes[start_idx] are absorbed wherever they go.
 
     Returns the set of broken symbols, or None if none broke. Uniform modes ("token", "pscale",
@@ -75,7 +75,7 @@ def _propagate(nodes, start_idx, start_tag, mode, loss, inplace=frozenset()):
         ins = [a for a in node.all_input_nodes if a in carry]
         if not ins:
             continue
-        if _node(node, carry, groups, mode, loss, broken, inplace):
+        if _node(node, carry, groups, mode, loss, broken, walk):
             continue
         if not per_channel:
             return {"all"}
@@ -109,11 +109,11 @@ def _key_shift(ta, tb, out_shape, groups, broken):
     return (base + rows).reshape([1] * (len(out_shape) - 2) + [out_shape[-2], 1])
 
 
-def _node(node, carry, groups, mode, loss, broken, inplace=frozenset()):
+def _node(node, carry, groups, mode, loss, broken, walk=None):
     """Apply one op to the carried perturbation; False if the op breaks it (then nothing is carried)."""
     scale = mode in ("cscale", "pscale")
     name = _opname(node.target) if node.op == "call_function" else node.op
-    if node in inplace:  # `out += identity` the walk followed as `out + identity`
+    if walk is not None and node in walk.inplace:  # `out += identity` the walk followed as `out + identity`
         name = name[:-1]
     get = lambda a: carry.get(a) if torch.is_tensor(carry.get(a)) else None
     if node.op == "output":
@@ -141,6 +141,16 @@ def _node(node, carry, groups, mode, loss, broken, inplace=frozenset()):
         t = carry.get(src)
         if isinstance(t, tuple) and i < len(t) and t[i] is not None:
             carry[node] = t[i]
+        return True
+    if name == "index" and walk is not None:  # constant indices: the positions move (see discover._index)
+        t, idx = get(node.args[0]), node.args[1]
+        vals = [None if i is None else walk.consts.get(i) for i in idx]
+        if t is None or any(i is not None and v is None for i, v in zip(idx, vals)):
+            return False
+        try:
+            carry[node] = _compress(torch.ops.aten.index.Tensor(_expand(t, _shape(node.args[0])), vals))
+        except Exception:  # noqa: BLE001
+            return False
         return True
     if name in LAYOUT_OPS:
         try:
@@ -301,26 +311,26 @@ def shift_laws(walk, ep, *, loss, approximate, param_order):
         # token translation: weights vary per token, so only per-token absorbers count.
         token_ok = False
         if kind in ("linear", "embedding") and W is not None:
-            token_ok = _propagate(nodes, i0, start(_compress(per_token)), "token", loss, walk.inplace) is None
+            token_ok = _propagate(nodes, i0, start(_compress(per_token)), "token", loss, walk) is None
             if token_ok:
                 terms = [Term(W, pr["w_axis"], units + w0, +1)] + ([Term(B, 0, units + b0, +1)] if B else [])
                 out.append(Family("", "translation", "vector", 1, terms, note="per-token shift absorbed downstream"))
         # channel translation of the bias alone.
         if B is not None and kind in ("linear", "conv", "norm"):
-            broken = _propagate(nodes, i0, start(per_channel), "channel", loss, walk.inplace)
+            broken = _propagate(nodes, i0, start(per_channel), "channel", loss, walk)
             keep = [c for c in range(n) if broken is None or c not in broken]
             if keep:
                 out.append(Family("", "translation", "diag", 1, [Term(B, 0, torch.tensor(keep)[:, None] + b0, +1)],
                                   note="per-channel bias shift absorbed downstream (batch norm, softmax over keys)"))
-            if not token_ok and len(keep) < n and _propagate(nodes, i0, start(uniform), "ushift", loss, walk.inplace) == {"output"}:
+            if not token_ok and len(keep) < n and _propagate(nodes, i0, start(uniform), "ushift", loss, walk) == {"output"}:
                 arrivals.append((B, b0, n))
         if not approximate or kind == "norm":
             continue
-        if kind in ("linear", "conv") and _propagate(nodes, i0, start(per_channel), "cscale", loss, walk.inplace) is None:
+        if kind in ("linear", "conv") and _propagate(nodes, i0, start(per_channel), "cscale", loss, walk) is None:
             terms = [Term(W, pr["w_axis"], units + w0, +1)] + ([Term(B, 0, units + b0, +1)] if B else [])
             out.append(Family("", "scale", "diag", 2, terms, approximate=True,
                               note="exact only for eps = 0 in the normalization"))
-        elif kind in ("linear", "conv", "embedding") and _propagate(nodes, i0, start(uniform), "pscale", loss, walk.inplace) is None:
+        elif kind in ("linear", "conv", "embedding") and _propagate(nodes, i0, start(uniform), "pscale", loss, walk) is None:
             terms = [Term(W, pr["w_axis"], whole + w0, +1)] + ([Term(B, 0, whole + b0, +1)] if B else [])
             out.append(Family("", "scale", "diag", 2, terms, approximate=True,
                               note="exact only for eps = 0 in the normalization"))

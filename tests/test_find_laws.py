@@ -378,6 +378,60 @@ def test_translation_through_an_in_place_residual(in_place):
     assert [f.name for f in laws if f.kind == "translation"] == ["translation:fc"]
 
 
+class _MultiQuery(nn.Module):
+    """Falcon-style multi-query attention: one fused projection viewed as [B, T, H + 2, d_h];
+    the queries are heads 0 … H−1, the key and value heads H and H + 1 picked by a slice or by
+    a constant index list (which the trace lifts as a tensor constant)."""
+
+    def __init__(self, pick):
+        super().__init__()
+        self.qkv, self.o = nn.Linear(8, 16), nn.Linear(8, 3)
+        self.pick = pick
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        f = self.qkv(x).view(B, T, 4, 4)
+        q = f[:, :, :2]
+        if self.pick == "index":
+            k, v = f[:, :, torch.tensor([2])], f[:, :, torch.tensor([3])]
+        else:
+            k, v = f[:, :, 2:3], f[:, :, 3:4]
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k.expand(-1, 2, -1, -1), v.expand(-1, 2, -1, -1))
+        return self.o(y.transpose(1, 2).reshape(B, T, 8))
+
+
+def test_constant_index_moves_channels_like_a_slice():
+    torch.manual_seed(14)
+    ref = _MultiQuery("slice").double()
+    m = _MultiQuery("index").double()
+    m.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 5, 8).double()
+    laws, _ = check(m, (x,), torch.randn(2, 5, 3).double())
+    ref_laws = consopt.find_laws(ref, (x,))
+    assert {f.kind for f in ref_laws} >= {"attention_qk", "attention_vo"}
+    assert [f.name for f in laws] == [f.name for f in ref_laws]
+    v, rv = laws.evaluate(m), ref_laws.evaluate(ref)
+    for k in rv:
+        torch.testing.assert_close(v[k], rv[k], rtol=0, atol=0)
+
+
+def test_data_dependent_index_claims_nothing_wrong():
+    # indices computed from the input are data: the channels they pick are dropped
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            return self.b(h[:, torch.argsort(x[0, :4].sum().reshape(1).expand(6) * torch.arange(6.0))])
+
+    torch.manual_seed(15)
+    m = Net().double()
+    check(m, (torch.randn(5, 4).double(),), torch.randn(5, 3).double())
+
+
 def test_in_place_add_on_a_tensor_read_later_is_not_followed():
     # h += y where h is read again afterwards: its readers see the sum, so the rule of `+` does
     # not apply; the channels are dropped, never given a wrong law
