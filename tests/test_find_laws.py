@@ -740,8 +740,21 @@ class GeGLU(nn.Module):
         return self.down(F.gelu(self.gate(x)) * self.up(x))
 
 
-def test_geglu_gate_law_includes_up_bias():
-    m = GeGLU()
+class _WrittenGELU(nn.Module):
+    """The tanh GELU written out (T5 v1.1's NewGELU): 0.5·x·(1 + tanh(√(2/π)(x + 0.044715x³)))."""
+
+    def forward(self, x):
+        return 0.5 * x * (1.0 + torch.tanh(0.7978845608028654 * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+@pytest.mark.parametrize("written", [False, True])
+def test_geglu_gate_law_includes_up_bias(written):
+    # with the activation written out, its channels die at tanh and are data to the product
+    class Written(GeGLU):
+        def forward(self, x):
+            return self.down(_WrittenGELU()(self.gate(x)) * self.up(x))
+
+    m = Written() if written else GeGLU()
     laws, _ = check(m, (torch.randn(5, 6),), torch.randn(5, 6))
     (f,) = kinds(laws)["gate"]
     ref = (m.up.weight.double() ** 2).sum(1) + m.up.bias.double() ** 2 - (m.down.weight.double() ** 2).sum(0)
