@@ -162,6 +162,7 @@ class _Walk:
         self.ch = _Channels()
         self.tags = {}  # node -> tag tensor | tuple | None
         self.param_users = defaultdict(set)  # parameter -> ops that use it whole
+        self.consumed = defaultdict(int)  # (op, argument): times a rule took that argument as a parameter
         self.row_users = defaultdict(list)  # parameter -> [(op, first row, end row)]: packed slices
         self.views = {}  # node -> (parameter, first row, rows), or a tuple of them (a split)
         self.inplace = set()  # in-place ops followed as their out-of-place forms (`_fresh_target`)
@@ -190,6 +191,7 @@ class _Walk:
             name = self.param_of[arg.name]
             if node is not None:
                 self.param_users[name].add(node.name)
+                self.consumed[(node.name, arg.name)] += 1
             return name
         return None
 
@@ -204,6 +206,7 @@ class _Walk:
             return None, 0, True
         P, start, n = v
         self.row_users[P].append((node.name, start, start + n))
+        self.consumed[(node.name, arg.name)] += 1
         return P, start, n == self._param_shapes[P][0]
 
     def tied(self) -> set:
@@ -282,31 +285,51 @@ class _Walk:
 
     def _fresh_target(self, node) -> bool:
         """An in-place op (`out += identity`) acts as its out-of-place form when the tensor it
-        writes is an op's fresh output (not a view or alias of another tensor) that no later op
-        reads (torch.export hands later readers the in-place op's own output)."""
+        writes is an op's fresh output (or an in-place op followed so) that no other op reads
+        later, nor any view or alias of it (torch.export hands later readers the in-place op's
+        own output, but a view taken before still reads the written memory)."""
         a = node.args[0] if node.args else None
-        if not isinstance(a, torch.fx.Node) or a.op != "call_function" or _opname(a.target) not in _FRESH_OPS:
+        if not isinstance(a, torch.fx.Node) or a.op != "call_function" or not (
+                _opname(a.target) in _FRESH_OPS or a in self.inplace):
             return False
-        return all(self.order[u] < self.order[node] for u in a.users if u is not node)
+        for u in a.users:
+            if u is node:
+                continue
+            name = _opname(u.target) if u.op == "call_function" else u.op
+            if self.order[u] > self.order[node] or name in LAYOUT_OPS or name in _SAME_VALUE or \
+                    name in ("getitem", "expand_as", "view_as") or name.endswith("_"):
+                return False
+        return True
 
     def _check_uses(self):
-        """A parameter that reaches an op no rule follows (tanh(W), a penalty on W, W.t() @ x)
-        breaks the symmetries of its laws, whatever its other uses: mark it untracked."""
-        followed = defaultdict(set)
-        for P, users in self.param_users.items():
-            followed[P] |= users
-        for P, users in self.row_users.items():
-            followed[P] |= {u for u, _, _ in users}
+        """A parameter that reaches an op no rule follows (tanh(W), a penalty on W, W.t() @ x,
+        W twice in one op) breaks the symmetries of its laws, whatever its other uses: mark it
+        untracked. A use is followed when the op's rule took that very argument as a parameter
+        (as often as it occurs), or the op is a view of it (a row block, W.T) whose every use is."""
 
-        def ok(node, P):
-            if node.name in followed[P]:
-                return True
-            return (node in self.views or node in self.transposed) and all(ok(u, P) for u in node.users)
+        def count(u, x):
+            n = 0
+            for a in list(u.args) + list(u.kwargs.values()):
+                n += sum(1 for b in a if b is x) if isinstance(a, (list, tuple)) else a is x
+            return n
+
+        def first_bad(x):
+            """The first op that reads x (a parameter or a view of one) in a way no rule follows."""
+            for u in x.users:
+                if self.consumed[(u.name, x.name)] >= count(u, x):
+                    continue
+                if (u in self.views or u in self.transposed) and count(u, x) == 1:
+                    bad = first_bad(u)
+                    if bad is None:
+                        continue
+                    return bad
+                return u
+            return None
 
         for node in self.gm.graph.nodes:
             P = self.param_of.get(node.name) if node.op == "placeholder" else None
-            if P is not None and not all(ok(u, P) for u in node.users):
-                bad = next(u for u in node.users if not ok(u, P))
+            bad = first_bad(node) if P is not None else None
+            if bad is not None:
                 self.untracked.add(P)
                 self.notes.append(f"parameter {P} is used by {bad.name} ({_opname(bad.target)}), which no law "
                                   "follows: its laws are dropped")
@@ -987,6 +1010,7 @@ def _matmul(w: _Walk, node):
     if Pt is not None:
         # x @ W.T with W [out, in]: a Linear without bias (W consumes along 1, produces along 0)
         w.param_users[Pt].add(node.name)
+        w.consumed[(node.name, b.name)] += 1
         _consume_last(w, a, Pt, 1, node)
         shape = w.shape(node)
         ids, out = w.new_out(shape[-1], GL, shape, len(shape) - 1)
@@ -1085,7 +1109,11 @@ def _baddbmm(w: _Walk, node):
     t1, t2 = w.tag(b1), w.tag(b2)
     if t1 is None and t2 is None:
         return None
-    return _contract(w, node, t1, t2, w.shape(b1), w.shape(b2), w.shape(node))
+    out = _contract(w, node, t1, t2, w.shape(b1), w.shape(b2), w.shape(node))
+    beta = node.kwargs.get("beta", node.args[3] if len(node.args) > 3 else 1)
+    if out is not None and beta != 0:
+        w.ch.restrict(out, NONE)  # data added to channels (not to logits, whose channels paired): no law
+    return out
 
 
 @rule("addmm")
