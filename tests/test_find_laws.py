@@ -510,6 +510,30 @@ def test_reviewed_wrong_laws_stay_away(make):
         check(m, x, y)
 
 
+@pytest.mark.parametrize("in_place", [False, True])
+def test_chained_in_place_ops(in_place):
+    # h = a(x); h -= b(x); h /= 2 (each on the previous one's output): as h = (a(x) − b(x)) / 2
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(4, 6), nn.Linear(4, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            h = self.a(x)
+            if in_place:
+                h.sub_(self.b(x))
+                h.div_(2.0)
+            else:
+                h = (h - self.b(x)) / 2.0
+            return self.c(torch.relu(h))
+
+    torch.manual_seed(17)
+    m = Net().double()
+    x = torch.randn(5, 4).double()
+    laws, _ = check(m, (x,), torch.randn(5, 3).double())
+    assert [f.name for f in laws] == ["stream:a"] and not laws.notes
+
+
 def test_in_place_add_on_a_tensor_read_later_is_not_followed():
     # h += y where h is read again afterwards: its readers see the sum, so the rule of `+` does
     # not apply; the channels are dropped, never given a wrong law
