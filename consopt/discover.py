@@ -190,10 +190,17 @@ class _Walk:
         if isinstance(arg, torch.fx.Node) and arg.op == "placeholder" and arg.name in self.param_of:
             name = self.param_of[arg.name]
             if node is not None:
-                self.param_users[name].add(node.name)
-                self.consumed[(node.name, arg.name)] += 1
+                self.took(name, node, arg)
             return name
         return None
+
+    def took(self, P, node, arg, rows=None):
+        """Op `node`'s rule took argument `arg` as parameter P (whole, or the rows (first, end))."""
+        if rows is None:
+            self.param_users[P].add(node.name)
+        else:
+            self.row_users[P].append((node.name,) + rows)
+        self.consumed[(node.name, arg.name)] += 1
 
     def param_rows(self, arg, node):
         """(parameter, first row, whole) for a parameter or a block of its rows (a split of a
@@ -205,8 +212,7 @@ class _Walk:
         if v is None or isinstance(v, tuple) and isinstance(v[0], tuple):
             return None, 0, True
         P, start, n = v
-        self.row_users[P].append((node.name, start, start + n))
-        self.consumed[(node.name, arg.name)] += 1
+        self.took(P, node, arg, (start, start + n))
         return P, start, n == self._param_shapes[P][0]
 
     def tied(self) -> set:
@@ -394,6 +400,17 @@ def _consume_dim(w: _Walk, x, W: str, axis: int, dim: int, repeat: int = 1, grou
     w.ch.term(ids, positions, W, axis if groups == 1 else (axis, groups), -1)
 
 
+def _dense_out(w: _Walk, node, W: str, w_axis: int, B=None, level=GL, w0: int = 0, b0: int = 0):
+    """Output channels along the last dim of a dense product (Linear, x @ W, x @ W.T, addmm):
+    channel i owns slice w0 + i of W along `w_axis` and entry b0 + i of the bias B."""
+    shape = w.shape(node)
+    ids, out = w.new_out(shape[-1], level, shape, len(shape) - 1)
+    w.add_producers(node, ids, [(W, w_axis, w0), (B, 0, b0)])
+    w.producers.append(dict(node=node, W=W, w_axis=w_axis, B=B, dim=len(shape) - 1, n=shape[-1], kind="linear",
+                            w0=w0, b0=b0))
+    return out
+
+
 @rule("linear")
 def _linear(w: _Walk, node):
     x, weight = node.args[0], node.args[1]
@@ -408,16 +425,11 @@ def _linear(w: _Walk, node):
         t = w.tag(x)
         if t is not None:
             w.ch.restrict(t, NONE)
-    shape = w.shape(node)
     B, b0, _ = w.param_rows(bias, node) if bias is not None else (None, 0, True)
     # a bias that is not (a row block of) a parameter, e.g. a buffer, adds what no law term
     # follows: no law
     level = NONE if bias is not None and B is None else GL
-    ids, out = w.new_out(shape[-1], level, shape, len(shape) - 1)
-    w.add_producers(node, ids, [(W, 0, w0), (B, 0, b0)])
-    w.producers.append(dict(node=node, W=W, w_axis=0, B=B, dim=len(shape) - 1, n=shape[-1], kind="linear",
-                            w0=w0, b0=b0))
-    return out
+    return _dense_out(w, node, W, 0, B, level, w0, b0)
 
 
 @rule("conv1d", "conv2d", "conv3d", "convolution", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
@@ -1001,22 +1013,13 @@ def _matmul(w: _Walk, node):
     if Pb is not None and len(w.shape(b)) == 2:
         # x @ W with W [in, out]: W consumes along axis 0 and produces along axis 1.
         _consume_last(w, a, Pb, 0, node)
-        shape = w.shape(node)
-        ids, out = w.new_out(shape[-1], GL, shape, len(shape) - 1)
-        w.add_producers(node, ids, [(Pb, 1)])
-        w.producers.append(dict(node=node, W=Pb, w_axis=1, B=None, dim=len(shape) - 1, n=shape[-1], kind="linear"))
-        return out
+        return _dense_out(w, node, Pb, 1)
     Pt = w.transposed.get(b) if isinstance(b, torch.fx.Node) else None
     if Pt is not None:
         # x @ W.T with W [out, in]: a Linear without bias (W consumes along 1, produces along 0)
-        w.param_users[Pt].add(node.name)
-        w.consumed[(node.name, b.name)] += 1
+        w.took(Pt, node, b)
         _consume_last(w, a, Pt, 1, node)
-        shape = w.shape(node)
-        ids, out = w.new_out(shape[-1], GL, shape, len(shape) - 1)
-        w.add_producers(node, ids, [(Pt, 0)])
-        w.producers.append(dict(node=node, W=Pt, w_axis=0, B=None, dim=len(shape) - 1, n=shape[-1], kind="linear"))
-        return out
+        return _dense_out(w, node, Pt, 0)
     if w.param(a, node) is not None:
         w.break_all(node)
         return None
@@ -1132,11 +1135,7 @@ def _addmm(w: _Walk, node):
     # a bias that is not a vector parameter over the outputs (data, a buffer, a matrix) adds
     # what no law term follows: no law
     level = GL if B is not None and bshape == shape[-1:] else NONE
-    B = B if level == GL else None
-    ids, out = w.new_out(shape[-1], level, shape, len(shape) - 1)
-    w.add_producers(node, ids, [(W, 1), (B, 0)])
-    w.producers.append(dict(node=node, W=W, w_axis=1, B=B, dim=len(shape) - 1, n=shape[-1], kind="linear"))
-    return out
+    return _dense_out(w, node, W, 1, B if level == GL else None, level)
 
 
 @rule("scaled_dot_product_attention")

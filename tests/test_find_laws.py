@@ -229,6 +229,21 @@ def test_gpt2_style_attention_head_laws():
     _head_laws_match(laws, m, _packed(Wt, None, d), Wo.T, H)
 
 
+def _laws_as_the_plain_form(make, variant, plain, x, target):
+    """find_laws on the model written as `variant` and as `plain` (same weights): every law of
+    the variant verified, the same families, bitwise the same values. Returns both LawSets."""
+    ref = make(plain).double()
+    m = make(variant).double()
+    m.load_state_dict(ref.state_dict())
+    laws, _ = check(m, (x,), target)
+    ref_laws = consopt.find_laws(ref, (x,))
+    assert [f.name for f in laws] == [f.name for f in ref_laws]
+    v, rv = laws.evaluate(m), ref_laws.evaluate(ref)
+    for k in rv:
+        torch.testing.assert_close(v[k], rv[k], rtol=0, atol=0)
+    return laws, ref_laws
+
+
 class _EinsumAttention(nn.Module):
     """Attention with separate q/k/v/o Linears, its products written as matmuls or einsums."""
 
@@ -255,17 +270,9 @@ class _EinsumAttention(nn.Module):
 def test_einsum_attention_has_the_matmul_laws(style):
     # the same model written with matmuls is the reference: same families, same values
     torch.manual_seed(7)
-    ref = _EinsumAttention("matmul").double()
-    m = _EinsumAttention(style).double()
-    m.load_state_dict(ref.state_dict())
-    x = torch.randn(2, 5, 8).double()
-    laws, _ = check(m, (x,), torch.randn(2, 5, 8).double())
-    ref_laws = consopt.find_laws(ref, (x,))
-    assert [f.name for f in laws] == [f.name for f in ref_laws]
+    laws, _ = _laws_as_the_plain_form(_EinsumAttention, style, "matmul", torch.randn(2, 5, 8).double(),
+                                      torch.randn(2, 5, 8).double())
     assert sorted(f.kind for f in laws) == ["attention_qk"] * 2 + ["attention_vo"] * 2 + ["translation"]
-    v, rv = laws.evaluate(m), ref_laws.evaluate(ref)
-    for k in rv:
-        torch.testing.assert_close(v[k], rv[k], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("eq", ["...qd,...kd->...qk", "bqd,bkd->bqdk", "bqd->bdq", "bqd,bqd->bq", "bqd,bke->bqkde"])
@@ -339,17 +346,10 @@ class _Idioms(nn.Module):
 @pytest.mark.parametrize("idiom", ["T", "t", "transpose", "permute", "mT", "+=", "baddbmm"])
 def test_idioms_have_the_reference_laws(idiom):
     torch.manual_seed(9)
-    ref = _Idioms("reference").double()
-    m = _Idioms(idiom).double()
-    m.load_state_dict(ref.state_dict())
-    x = torch.randn(2, 5, 4).double()
-    laws, _ = check(m, (x,), torch.randn(2, 5, 3).double())
-    ref_laws = consopt.find_laws(ref, (x,))
+    laws, ref_laws = _laws_as_the_plain_form(_Idioms, idiom, "reference", torch.randn(2, 5, 4).double(),
+                                             torch.randn(2, 5, 3).double())
     assert {f.kind for f in ref_laws} >= {"stream", "attention_qk", "attention_vo"}
-    assert [f.name for f in laws] == [f.name for f in ref_laws] and not laws.notes
-    v, rv = laws.evaluate(m), ref_laws.evaluate(ref)
-    for k in rv:
-        torch.testing.assert_close(v[k], rv[k], rtol=0, atol=0)
+    assert not laws.notes
 
 
 @pytest.mark.parametrize("in_place", [False, True])
@@ -403,17 +403,9 @@ class _MultiQuery(nn.Module):
 
 def test_constant_index_moves_channels_like_a_slice():
     torch.manual_seed(14)
-    ref = _MultiQuery("slice").double()
-    m = _MultiQuery("index").double()
-    m.load_state_dict(ref.state_dict())
-    x = torch.randn(2, 5, 8).double()
-    laws, _ = check(m, (x,), torch.randn(2, 5, 3).double())
-    ref_laws = consopt.find_laws(ref, (x,))
+    _, ref_laws = _laws_as_the_plain_form(_MultiQuery, "index", "slice", torch.randn(2, 5, 8).double(),
+                                          torch.randn(2, 5, 3).double())
     assert {f.kind for f in ref_laws} >= {"attention_qk", "attention_vo"}
-    assert [f.name for f in laws] == [f.name for f in ref_laws]
-    v, rv = laws.evaluate(m), ref_laws.evaluate(ref)
-    for k in rv:
-        torch.testing.assert_close(v[k], rv[k], rtol=0, atol=0)
 
 
 def test_data_dependent_index_claims_nothing_wrong():
