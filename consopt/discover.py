@@ -603,20 +603,27 @@ def _index(w: _Walk, node):
     """x[..., c] with constant integer indices c (lifted by the trace, as Falcon's multi-query
     k, v picked from the fused projection): channels move as the positions do. Indices that are
     data (or boolean masks) break the channels they touch."""
-    src, idx = node.args[0], node.args[1]
-    t = w.tag(src)
+    t = w.tag(node.args[0])
     if t is None:
         return None
-    vals = [None if i is None else w.consts.get(i) for i in idx]
-    if any(i is not None and (v is None or v.dtype not in (torch.int64, torch.int32)) for i, v in zip(idx, vals)):
+    ints = all(i is None or (i in w.consts and w.consts[i].dtype in (torch.int64, torch.int32)) for i in node.args[1])
+    out = constant_index(node, t, w.shape(node.args[0]), w.consts) if ints else None
+    if out is None:  # an index the tags cannot follow: no law through it
         w.break_all(node)
+        return None
+    return out if _is_tagged(out) else None
+
+
+def constant_index(node, t, shape, consts: dict):
+    """The tags `t` (of a tensor of `shape`) moved by aten.index node `node` whose indices are
+    all constants (`consts`: node -> value), compressed; None if one is not or they do not apply."""
+    vals = [None if i is None else consts.get(i) for i in node.args[1]]
+    if any(i is not None and v is None for i, v in zip(node.args[1], vals)):
         return None
     try:
-        out = aten.index.Tensor(_expand(t, w.shape(src)), vals)
-    except Exception:  # noqa: BLE001 - an index the tags cannot follow: no law through it
-        w.break_all(node)
+        return _compress(aten.index.Tensor(_expand(t, shape), vals))
+    except Exception:  # noqa: BLE001
         return None
-    return _compress(out) if _is_tagged(out) else None
 
 
 @rule("dropout", "native_dropout")

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from .discover import LAYOUT_OPS, _compress, _EinsumPlan, _expand, _opname, apply_layout, modules_of
+from .discover import LAYOUT_OPS, _compress, _EinsumPlan, _expand, _opname, apply_layout, constant_index, modules_of
 from .laws import Family, Term
 
 # ops that pass a shift on unchanged (averages of a constant are that constant)
@@ -61,7 +61,7 @@ def _full_along(t, shape):
 GROUP_BASE = 1 << 40  # tag ids at or above this stand for a set of channel symbols (after a contraction)
 
 
-def _propagate(nodes, start_idx, start_tag, mode, loss, walk=None):
+def _propagate(nodes, start_idx, start_tag, mode, loss, walk):
     """Which symbols of the perturbation starting at nodes[start_idx] are absorbed wherever they go.
 
     Returns the set of broken symbols, or None if none broke. Uniform modes ("token", "pscale",
@@ -109,11 +109,12 @@ def _key_shift(ta, tb, out_shape, groups, broken):
     return (base + rows).reshape([1] * (len(out_shape) - 2) + [out_shape[-2], 1])
 
 
-def _node(node, carry, groups, mode, loss, broken, walk=None):
-    """Apply one op to the carried perturbation; False if the op breaks it (then nothing is carried)."""
+def _node(node, carry, groups, mode, loss, broken, walk):
+    """Apply one op to the carried perturbation; False if the op breaks it (then nothing is carried).
+    `walk`: the channel walk (its in-place ops followed as out-of-place, its constants)."""
     scale = mode in ("cscale", "pscale")
     name = _opname(node.target) if node.op == "call_function" else node.op
-    if walk is not None and node in walk.inplace:  # `out += identity` the walk followed as `out + identity`
+    if node in walk.inplace:  # `out += identity` the walk followed as `out + identity`
         name = name[:-1]
     get = lambda a: carry.get(a) if torch.is_tensor(carry.get(a)) else None
     if node.op == "output":
@@ -142,15 +143,12 @@ def _node(node, carry, groups, mode, loss, broken, walk=None):
         if isinstance(t, tuple) and i < len(t) and t[i] is not None:
             carry[node] = t[i]
         return True
-    if name == "index" and walk is not None:  # constant indices: the positions move (see discover._index)
-        t, idx = get(node.args[0]), node.args[1]
-        vals = [None if i is None else walk.consts.get(i) for i in idx]
-        if t is None or any(i is not None and v is None for i, v in zip(idx, vals)):
+    if name == "index":  # constant indices: the positions move (see discover._index)
+        t = get(node.args[0])
+        out = None if t is None else constant_index(node, t, _shape(node.args[0]), walk.consts)
+        if out is None:
             return False
-        try:
-            carry[node] = _compress(torch.ops.aten.index.Tensor(_expand(t, _shape(node.args[0])), vals))
-        except Exception:  # noqa: BLE001
-            return False
+        carry[node] = out
         return True
     if name in LAYOUT_OPS:
         try:
