@@ -312,7 +312,7 @@ class LawSet:
             raise ValueError("verify: the model has no trainable parameter (requires_grad): nothing moves")
         m64.zero_grad(set_to_none=True)
         loss = loss_fn(m64(*inputs), targets)
-        names = sorted(trainable, key=list(params).index)
+        names = [n for n in params if n in trainable]
         grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
         gL = {n: (g if g is not None else torch.zeros_like(params[n])) for n, g in zip(names, grads)}
         g_norm = torch.sqrt(sum((g * g).sum() for g in gL.values()))
